@@ -1,0 +1,322 @@
+"""Loading, checking, splitting and tokenizing chat data; batching it for training.
+
+Plain functions and a collator, no Lightning: :mod:`capyft.datamodule` wires them into a ``LightningDataModule``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from capyft.chat import IGNORE_INDEX, encode_conversation, validate_conversation
+
+log = logging.getLogger(__name__)
+
+BadRow = Literal["error", "skip"]
+SAMPLE_DATA = Path(__file__).parent / "sample_data" / "capybara_sample.jsonl"
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_source(source: str | Path) -> Any:
+    """Loads a chat data set as a ``datasets.DatasetDict``.
+
+    Args:
+        source: a local ``.jsonl`` / ``.json`` / ``.parquet`` file, a ``save_to_disk`` directory, a directory of such
+            files, or a Hugging Face hub id such as ``trl-lib/Capybara``.
+    """
+    import datasets
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        builder = _FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"data file {path} has an unsupported type; use .jsonl, .json, .parquet or .csv")
+        return datasets.load_dataset(builder, data_files={"train": str(path)})
+    if path.is_dir():
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            loaded = datasets.load_from_disk(str(path))
+            return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+        return datasets.load_dataset(str(path))
+    if str(source).startswith((".", "/", "~")) or Path(str(source)).suffix in _FILE_BUILDERS:
+        raise FileNotFoundError(f"data source {source} does not exist; give an existing file or directory, or a hub id")
+    return datasets.load_dataset(str(source))
+
+
+def to_messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    """Reads a row of either schema as ``{role, content}`` messages.
+
+    Accepts trl's ``messages`` ([{role, content}]) and LDJnr's ``conversation`` ([{input, output}]).
+    """
+    if "messages" in row and row["messages"] is not None:
+        return row["messages"]
+    if "conversation" in row and row["conversation"] is not None:
+        messages = []
+        for turn in row["conversation"]:
+            if not isinstance(turn, dict) or "input" not in turn or "output" not in turn:
+                raise ValueError(f"a conversation turn is not an {{input, output}} mapping: {str(turn)[:80]!r}")
+            messages += [{"role": "user", "content": turn["input"]}, {"role": "assistant", "content": turn["output"]}]
+        return messages
+    raise ValueError(
+        f"row has neither a 'messages' nor a 'conversation' column (columns: {sorted(row)}); "
+        "use trl's messages schema or LDJnr's conversation schema"
+    )
+
+
+def _take(pool: Any, start: int, size: int) -> Any:
+    return pool.select(range(start, start + size))
+
+
+def split_source(
+    data: Any,
+    train_size: int | None,
+    val_size: int,
+    test_size: int,
+    shuffle: bool = False,
+    seed: int = 42,
+) -> dict[str, Any]:
+    """Splits a ``DatasetDict`` into disjoint train / val / test sets.
+
+    The training pool is the ``train`` split (or the only split), in stored order unless ``shuffle``. ``train`` is
+    its first ``train_size`` rows (all that remain when None), ``val`` the next ``val_size``. ``test`` is the
+    source's ``test`` split (its first ``test_size`` rows) when it has one, otherwise the ``test_size`` rows after
+    ``val`` in the pool. Every row keeps its source index in the column ``row``.
+    """
+    names = list(data.keys())
+    pool = data["train"] if "train" in data else data[names[0]]
+    pool = pool.add_column("row", list(range(len(pool))))
+    if shuffle:
+        pool = pool.shuffle(seed=seed)
+    has_test = "test" in data and test_size > 0
+    carved = val_size + (0 if has_test else test_size)
+    if train_size is None:
+        train_size = len(pool) - carved
+    for name, value in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if train_size + carved > len(pool):
+        test_part = "" if has_test else f" + test_size {test_size}"
+        raise ValueError(
+            f"train_size {train_size} + val_size {val_size}{test_part} = {train_size + carved} rows, but the "
+            f"training split has only {len(pool)}; lower the sizes"
+        )
+    splits = {"train": _take(pool, 0, train_size), "val": _take(pool, train_size, val_size)}
+    if has_test:
+        test = data["test"]
+        if test_size > len(test):
+            raise ValueError(f"test_size {test_size} exceeds the {len(test)} rows of the source's test split")
+        splits["test"] = _take(test.add_column("row", list(range(len(test)))), 0, test_size)
+    else:
+        splits["test"] = _take(pool, train_size + val_size, test_size)
+    return splits
+
+
+def tokenize_split(
+    split: Any,
+    tokenizer: Any,
+    name: str,
+    max_length: int | None,
+    train_on: str = "all",
+    system_prompt: str | None = None,
+    on_bad_row: BadRow = "error",
+) -> Any:
+    """Encodes every row of a split (``datasets.map``, cached) and handles bad rows.
+
+    Returns:
+        The split with ``input_ids``, ``labels``, ``messages`` and ``row`` columns.
+
+    Raises:
+        ValueError: with ``on_bad_row="error"``, on the first bad row, naming it; also when no usable row is left.
+    """
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+
+    def encode(row: dict[str, Any]) -> dict[str, Any]:
+        try:
+            messages = validate_conversation(to_messages(row))
+            enc = encode_conversation(messages, tokenizer, max_length, train_on, system_prompt)
+            return {**enc, "messages": messages, "error": ""}
+        except ValueError as err:  # every problem with a row's content is a ValueError
+            return {"input_ids": [], "labels": [], "messages": [], "error": str(err)}
+
+    keep = ["row"]
+    encoded = split.map(encode, remove_columns=[c for c in split.column_names if c not in keep], desc=f"tokenize {name}")
+    errors = [(r, e) for r, e in zip(encoded["row"], encoded["error"]) if e]
+    if errors:
+        first = "; ".join(f"row {r}: {e}" for r, e in errors[:3])
+        if on_bad_row == "error":
+            raise ValueError(
+                f"{len(errors)} bad row(s) in the {name} split. {first}. Fix the data or set on_bad_row: skip"
+            )
+        log.warning("skipped %d bad row(s) of %d in the %s split; first: %s", len(errors), len(encoded), name, first)
+        encoded = encoded.filter(lambda e: not e, input_columns="error")
+    if len(split) > 0 and len(encoded) == 0:
+        raise ValueError(f"the {name} split has no usable row left; check the data source")
+    return encoded.remove_columns("error")
+
+
+def trained_token_counts(labels: list[list[int]]) -> list[int]:
+    """Trained tokens per sequence, counting only labels that a next-token loss can use (not the first position)."""
+    return [sum(label != IGNORE_INDEX for label in seq[1:]) for seq in labels]
+
+
+class ChatCollator:
+    """Pads a list of examples into a batch.
+
+    Args:
+        pad_id: the id written at padded positions of ``input_ids`` (never read by the loss: padding is masked by
+            the attention mask and ``IGNORE_INDEX`` labels, not by the pad id, so pad may equal end-of-turn).
+        padding_free: concatenate the sequences into one row with ``position_ids`` restarting at each conversation
+            (and no attention mask); the model then keeps attention inside each conversation.
+        pad_to_multiple_of: round the padded length up, for kernels that like multiples of 8 or 64.
+    """
+
+    def __init__(self, pad_id: int, padding_free: bool = False, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_id = pad_id
+        self.padding_free = padding_free
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self._packed(examples) if self.padding_free else self._padded(examples)
+        if "step_tokens" in examples[0]:
+            batch["step_tokens"] = torch.tensor(examples[0]["step_tokens"], dtype=torch.long)
+        return batch
+
+    def _padded(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        length = max(len(e["input_ids"]) for e in examples)
+        if self.pad_to_multiple_of:
+            length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(examples), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            input_ids[i, :n] = torch.tensor(e["input_ids"])
+            labels[i, :n] = torch.tensor(e["labels"])
+            attention_mask[i, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+    def _packed(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids, labels, positions = [], [], []
+        for e in examples:
+            n = len(e["input_ids"])
+            ids += e["input_ids"]
+            # The first token of a conversation is never a target: it would be predicted from the one before.
+            labels += [IGNORE_INDEX, *e["labels"][1:]]
+            positions += range(n)
+        return {
+            "input_ids": torch.tensor([ids]),
+            "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]),
+        }
+
+
+class StepBatchSampler:
+    """Yields micro-batches of example indices, each tagged with the trained tokens of its optimizer step.
+
+    Indices come out as ``(index, step_tokens)`` pairs; :class:`TaggedDataset` attaches ``step_tokens`` to the
+    example, so the loss of every micro-batch can be divided by the trained tokens of the whole optimizer step
+    (all accumulated micro-batches on all ranks): batch 4 x accumulation 1 and batch 1 x accumulation 4 then give the
+    same gradient. The order is a pure function of ``seed`` and the epoch, which makes resuming reproducible.
+
+    Args:
+        lengths: sequence length of every example.
+        trained: trained (label) tokens of every example.
+        batch_size: examples per micro-batch and rank.
+        accumulate: micro-batches per optimizer step.
+        shuffle: shuffle each epoch (seeded); else stored order.
+        seed: the base seed.
+        group_by_length: sort each window of ``50 x batch x accumulate x ranks`` shuffled examples by length, so a
+            micro-batch holds similar lengths and little padding.
+        num_replicas: data-parallel ranks.
+        rank: this rank.
+    """
+
+    def __init__(
+        self,
+        lengths: list[int],
+        trained: list[int],
+        batch_size: int,
+        accumulate: int = 1,
+        shuffle: bool = True,
+        seed: int = 42,
+        group_by_length: bool = False,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if batch_size < 1 or accumulate < 1:
+            raise ValueError(f"batch_size and accumulate must be >= 1, got {batch_size} and {accumulate}")
+        self.lengths, self.trained = lengths, trained
+        self.batch_size, self.accumulate = batch_size, accumulate
+        self.shuffle, self.seed, self.group_by_length = shuffle, seed, group_by_length
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch = 0
+        self.skip = 0  # micro-batches of the current epoch already trained (set when resuming)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of every epoch."""
+        if epoch != self.epoch:
+            self.skip = 0
+        self.epoch = epoch
+
+    def _order(self) -> list[int]:
+        n = len(self.lengths)
+        if not self.shuffle:
+            return list(range(n))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(n, generator=generator).tolist()
+        if self.group_by_length:
+            window = 50 * self.batch_size * self.accumulate * self.num_replicas
+            order = [
+                i
+                for start in range(0, n, window)
+                for i in sorted(order[start : start + window], key=lambda j: -self.lengths[j])
+            ]
+        return order
+
+    def _micro_batches(self) -> list[list[tuple[int, int]]]:
+        order = self._order()
+        per_step = self.batch_size * self.accumulate * self.num_replicas
+        # Drop the tail that cannot fill one micro-batch on every rank, so all ranks run the same number of steps.
+        usable = len(order) - len(order) % (self.batch_size * self.num_replicas)
+        batches = []
+        for start in range(0, usable, per_step):
+            step = order[start : min(start + per_step, usable)]
+            tokens = max(1, sum(self.trained[i] for i in step))
+            per_rank = len(step) // self.num_replicas
+            mine = step[self.rank * per_rank : (self.rank + 1) * per_rank]
+            batches += [
+                [(i, tokens) for i in mine[b : b + self.batch_size]] for b in range(0, len(mine), self.batch_size)
+            ]
+        return batches
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        batches = self._micro_batches()
+        skip, self.skip = self.skip, 0
+        yield from batches[skip:]
+
+    def __len__(self) -> int:
+        usable = len(self.lengths) - len(self.lengths) % (self.batch_size * self.num_replicas)
+        return usable // (self.batch_size * self.num_replicas)
+
+
+class TaggedDataset(torch.utils.data.Dataset):
+    """Serves examples of a tokenized split; an ``(index, step_tokens)`` key adds ``step_tokens`` to the example."""
+
+    def __init__(self, split: Any) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, step_tokens = key if isinstance(key, tuple) else (key, None)
+        row = self.split[int(index)]
+        example = {"input_ids": row["input_ids"], "labels": row["labels"], "row": row["row"]}
+        if step_tokens is not None:
+            example["step_tokens"] = step_tokens
+        return example

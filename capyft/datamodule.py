@@ -1,0 +1,199 @@
+"""``ChatDataModule``: Capybara-style chat data, split, tokenized and batched for Lightning."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from capyft.chat import encode_prompt, split_prompt_reference
+from capyft.data import (
+    BadRow,
+    ChatCollator,
+    StepBatchSampler,
+    TaggedDataset,
+    load_source,
+    split_source,
+    tokenize_split,
+    trained_token_counts,
+)
+from capyft.modeling import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class ChatDataModule(L.LightningDataModule):
+    """Multi-turn chat data for fine-tuning and for the generation test.
+
+    Args:
+        tokenizer: model id or local dir of the tokenizer (linked to ``model.model_name_or_path`` by the CLI).
+        source: hub id (e.g. ``trl-lib/Capybara``) or a local ``.jsonl``/``.json``/``.parquet`` file or
+            ``save_to_disk`` dir; rows in trl's ``messages`` or LDJnr's ``conversation`` schema.
+        train_size: training conversations, the first of the training split (None: all not carved off).
+        val_size: validation conversations, the ones right after the training rows (disjoint from them).
+        test_size: test conversations: the source's test split if it has one, else carved after ``val``.
+        shuffle: shuffle the training split (seeded) before carving; default False keeps the stored order, so
+            ``train_size: 500`` is the reference's first 500 rows. Training batches are shuffled every epoch.
+        seed: seed of the carving shuffle and of the per-epoch batch order.
+        max_length: truncate conversations to this many tokens (labels stay aligned).
+        train_on: ``all`` assistant messages or only the ``last``.
+        system_prompt: a system message for conversations that have none (None: the template's default).
+        on_bad_row: ``error`` stops at the first bad row, naming it; ``skip`` drops bad rows and logs how many.
+        batch_size: conversations per micro-batch per device.
+        eval_batch_size: conversations per validation batch and prompts per generation batch in ``test``.
+        padding_free: pack each micro-batch into one row with per-conversation positions (no padding computed).
+        group_by_length: batch conversations of similar length together (less padding).
+        pad_to_multiple_of: round padded lengths up to a multiple of this.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str,
+        source: str = "trl-lib/Capybara",
+        train_size: int | None = 500,
+        val_size: int = 20,
+        test_size: int = 200,
+        shuffle: bool = False,
+        seed: int = 42,
+        max_length: int | None = 2048,
+        train_on: str = "all",
+        system_prompt: str | None = None,
+        on_bad_row: BadRow = "error",
+        batch_size: int = 1,
+        eval_batch_size: int = 8,
+        padding_free: bool = False,
+        group_by_length: bool = False,
+        pad_to_multiple_of: int | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if train_on not in ("all", "last"):
+            raise ValueError(f"data.train_on must be 'all' or 'last', got {train_on!r}")
+        self.save_hyperparameters()
+        self.tokenizer: Any = None
+        self.splits: dict[str, Any] = {}
+
+    def setup(self, stage: str) -> None:
+        """Loads, splits and tokenizes (cached by ``datasets``) the splits this stage needs."""
+        hp = self.hparams
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(hp.tokenizer)
+        if self.splits:
+            return
+        raw = split_source(load_source(hp.source), hp.train_size, hp.val_size, hp.test_size, hp.shuffle, hp.seed)
+        for name, split in raw.items():
+            if len(split):
+                self.splits[name] = tokenize_split(
+                    split, self.tokenizer, name, hp.max_length, hp.train_on, hp.system_prompt, hp.on_bad_row
+                )
+        sizes = ", ".join(f"{name} {len(split)}" for name, split in self.splits.items())
+        log.info("data from %s: %s conversations", hp.source, sizes)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def _collator(self) -> ChatCollator:
+        return ChatCollator(self.pad_id, self.hparams.padding_free, self.hparams.pad_to_multiple_of)
+
+    def train_dataloader(self) -> DataLoader:
+        split = self.splits["train"]
+        trainer = self.trainer
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = StepBatchSampler(
+            lengths=[len(ids) for ids in split["input_ids"]],
+            trained=trained_token_counts(split["labels"]),
+            batch_size=self.hparams.batch_size,
+            accumulate=accumulate,
+            shuffle=True,
+            seed=self.hparams.seed,
+            group_by_length=self.hparams.group_by_length,
+            num_replicas=replicas,
+            rank=rank,
+        )
+        if len(sampler) == 0:
+            raise ValueError(
+                f"{len(split)} training conversations cannot fill one batch of {self.hparams.batch_size} on "
+                f"{replicas} device(s); lower data.batch_size or raise data.train_size"
+            )
+        if trainer is not None and trainer.fit_loop.restarting:
+            # Resuming mid-epoch: the order is a function of (seed, epoch), so skip what was already trained.
+            sampler.epoch = trainer.current_epoch
+            sampler.skip = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return DataLoader(
+            TaggedDataset(split),
+            batch_sampler=sampler,
+            collate_fn=self._collator(),
+            num_workers=self.hparams.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        if "val" not in self.splits:
+            return []
+        return DataLoader(
+            TaggedDataset(self.splits["val"]),
+            batch_size=self.hparams.eval_batch_size,
+            collate_fn=self._collator(),
+            num_workers=self.hparams.num_workers,
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        return self._prompt_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._prompt_loader("test")
+
+    def _prompt_loader(self, name: str) -> DataLoader:
+        if name not in self.splits:
+            raise ValueError(f"no {name} conversations: set data.test_size > 0")
+        return DataLoader(
+            PromptDataset(self.splits[name], self.tokenizer, self.hparams.system_prompt),
+            batch_size=self.hparams.eval_batch_size,
+            collate_fn=PromptCollator(self.pad_id),
+            num_workers=self.hparams.num_workers,
+        )
+
+
+class PromptDataset(torch.utils.data.Dataset):
+    """Test examples: the turns before the last assistant message as the prompt, that message as the reference."""
+
+    def __init__(self, split: Any, tokenizer: Any, system_prompt: str | None) -> None:
+        self.split, self.tokenizer, self.system_prompt = split, tokenizer, system_prompt
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.split[index]
+        prompt, reference = split_prompt_reference(row["messages"])
+        ids = encode_prompt(prompt, self.tokenizer, self.system_prompt)
+        return {"row": row["row"], "prompt": prompt, "reference": reference, "input_ids": ids}
+
+
+class PromptCollator:
+    """Left-pads prompts for batched generation; keeps ids, prompts and references as lists, in order."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        length = max(len(e["input_ids"]) for e in examples)
+        input_ids = torch.full((len(examples), length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            input_ids[i, length - n :] = torch.tensor(e["input_ids"])
+            attention_mask[i, length - n :] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "row": [e["row"] for e in examples],
+            "prompt": [e["prompt"] for e in examples],
+            "reference": [e["reference"] for e in examples],
+        }

@@ -1,0 +1,227 @@
+"""``QLoRAModule``: a 4-bit (or plain) causal LM with LoRA adapters, trained and evaluated by Lightning."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+
+from capyft.modeling import (
+    build_lora_config,
+    build_quantization_config,
+    causal_lm_loss_sum,
+    load_base_model,
+    load_tokenizer,
+    wrap_with_lora,
+)
+
+log = logging.getLogger(__name__)
+MONITOR = "val/loss"  # the one metric checkpoints and early stopping watch
+
+
+class QLoRAModule(L.LightningModule):
+    """QLoRA: a frozen 4-bit base model plus trainable LoRA adapters.
+
+    The model is built in :meth:`configure_model`, so ``--help``, ``--print_config`` and config checks never load
+    weights. Checkpoints hold only the adapter (plus optimizer and loop state), not the frozen base.
+
+    Args:
+        model_name_or_path: hub id (e.g. ``meta-llama/Llama-3.1-8B-Instruct``) or local HF model dir.
+        load_in_4bit: quantize the frozen base with bitsandbytes (QLoRA); False gives plain LoRA.
+        quant_type: ``nf4`` (default, QLoRA paper) or ``fp4``.
+        double_quant: quantize the quantization constants too.
+        compute_dtype: dtype for matmuls and frozen 16-bit weights: ``float16`` (fits GPUs without bf16),
+            ``bfloat16`` or ``float32``.
+        quant_storage: packed 4-bit storage dtype; set it to the compute dtype for FSDP.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).
+        lora_dropout: dropout on the LoRA input.
+        target_modules: module names to adapt, or ``all-linear``.
+        use_dora: weight-decomposed LoRA.
+        use_rslora: rank-stabilized scaling.
+        gradient_checkpointing: recompute activations in backward (non-reentrant): far less memory, ~30% more time.
+        attn_implementation: ``sdpa`` (default), ``eager``, ``flash_attention_2`` or ``flex_attention``.
+        optimizer: ``adamw`` (torch) or ``paged_adamw_8bit`` (bitsandbytes; GPU).
+        learning_rate: peak learning rate (QLoRA: 2e-4).
+        weight_decay: AdamW weight decay on the adapter weights.
+        warmup_steps: linear warmup, in optimizer steps.
+        lr_schedule: decay after warmup: ``cosine``, ``linear`` or ``constant``.
+        loss_chunk_size: tokens per output-head + cross-entropy chunk; bounds logit memory (0: no chunking).
+        trust_remote_code: run model code from the hub repo; off unless you trust it.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        load_in_4bit: bool = True,
+        quant_type: Literal["nf4", "fp4"] = "nf4",
+        double_quant: bool = True,
+        compute_dtype: Literal["float16", "bfloat16", "float32"] = "float16",
+        quant_storage: str | None = None,
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.05,
+        target_modules: list[str] | str = "all-linear",
+        use_dora: bool = False,
+        use_rslora: bool = False,
+        gradient_checkpointing: bool = True,
+        attn_implementation: str = "sdpa",
+        optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw",
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 10,
+        lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
+        loss_chunk_size: int = 1024,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.strict_loading = False  # checkpoints hold the adapter only, not the frozen base
+        self._step_loss = 0.0
+        self._step_tokens = 0
+        self._step_start = 0.0
+
+    # ---- building -------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Loads the base model (4-bit on its device), adds LoRA; runs once, before the strategy wraps the model."""
+        if self.model is not None:
+            return
+        hp = self.hparams
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        dtype = hp.compute_dtype
+        if device.type == "cpu" and dtype == "float16":
+            # fp16 matmuls on CPU are ~10x slower than bf16 and overflow-prone (FACTS); bf16 keeps the range.
+            log.info("compute_dtype float16 is GPU-only in practice; using bfloat16 on CPU")
+            dtype = "bfloat16"
+        quantization = build_quantization_config(hp.load_in_4bit, hp.quant_type, hp.double_quant, dtype, hp.quant_storage)
+        self.tokenizer = load_tokenizer(hp.model_name_or_path, hp.trust_remote_code)
+        base = load_base_model(
+            hp.model_name_or_path, quantization, dtype, hp.attn_implementation, device, hp.trust_remote_code
+        )
+        lora = build_lora_config(hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.target_modules, hp.use_dora, hp.use_rslora)
+        self.model = wrap_with_lora(base, lora, hp.gradient_checkpointing)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        log.info("LoRA: %s trainable of %s parameters (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    # ---- checkpoint: adapter weights only, plus RNG state for exact resume ----------------------------------
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        full = super().state_dict(*args, **kwargs)
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in full.items() if k in trainable}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states is None:
+            return
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+        np.random.set_state(states["numpy"])
+        random.setstate(states["python"])
+
+    # ---- training -------------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed loss over the trained tokens of ``batch`` and their count."""
+        return causal_lm_loss_sum(self.model, batch, self.hparams.loss_chunk_size)
+
+    def on_train_start(self) -> None:
+        self.model.train()  # Lightning switches the LightningModule, but a model loaded by HF starts in eval mode
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self._step_tokens == 0:
+            self._step_start = time.perf_counter()
+        loss_sum, n_tokens = self(batch)
+        # Normalize by the trained tokens of the whole optimizer step (all micro-batches, all ranks), so the
+        # gradient is the token-mean however the step is split. Lightning divides by accumulate_grad_batches and
+        # DDP averages over ranks: multiply both back.
+        step_tokens = batch["step_tokens"].to(loss_sum.device).float()
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
+        self._step_loss += float(loss_sum.detach()) / float(step_tokens)
+        self._step_tokens += int(n_tokens)
+        return loss_sum / step_tokens * scale
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        elapsed = max(time.perf_counter() - self._step_start, 1e-9)
+        metrics = {
+            "train/loss": self._step_loss * self.trainer.world_size,
+            "train/grad_norm": grad_norm,
+            "train/tokens_per_sec": self._step_tokens * self.trainer.world_size / elapsed,
+            "train/lr": optimizer.param_groups[0]["lr"],
+        }
+        if torch.cuda.is_available():
+            metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self.log_dict(metrics, on_step=True, prog_bar=False, sync_dist=False, batch_size=1)
+        self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=1)
+        self._step_loss, self._step_tokens = 0.0, 0
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss_sum, n_tokens = self(batch)
+        # Token-weighted mean over the whole validation set: weight each batch by its trained tokens.
+        n = max(int(n_tokens), 1)
+        self.log(MONITOR, loss_sum / n, batch_size=n, prog_bar=True, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self._trainer is not None and self.trainer.training:
+            self.model.train()
+
+    # ---- test hook: generation + BERTScore (see capyft.evaluation) -----------------------------------------
+    # (owned by the evaluation work: test_step, on_test_epoch_start/end, predict_step)
+
+    # ---- optimizer ------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if hp.optimizer == "paged_adamw_8bit":
+            import bitsandbytes as bnb
+
+            optimizer = bnb.optim.PagedAdamW8bit(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = lr_lambda(hp.lr_schedule, hp.warmup_steps, total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- adapter export -------------------------------------------------------------------------------------
+    def save_adapter(self, directory: str | Path) -> Path:
+        """Writes the adapter in PEFT's format (``adapter_config.json`` + safetensors) with the tokenizer."""
+        directory = Path(directory)
+        self.model.save_pretrained(str(directory))
+        self.tokenizer.save_pretrained(str(directory))
+        return directory
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Any:
+    """Learning-rate multiplier per optimizer step: linear warmup, then cosine / linear decay to 0, or constant."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+    if schedule not in ("cosine", "linear", "constant"):
+        raise ValueError(f"lr_schedule must be cosine, linear or constant, got {schedule!r}")
+    return factor

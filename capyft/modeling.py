@@ -1,0 +1,217 @@
+"""Model building blocks: tokenizer, 4-bit quantization and LoRA configs, loading, and the memory-lean loss.
+
+Pure functions over transformers / peft / bitsandbytes; no Lightning.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from capyft.chat import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Llama-3 ships a pad token meant for fine-tuning; prefer it to reusing eos or end-of-turn.
+LLAMA3_PAD = "<|finetune_right_pad_id|>"
+
+
+def to_dtype(name: str) -> torch.dtype:
+    """Maps ``float16`` / ``bfloat16`` / ``float32`` to a torch dtype, with a clear error otherwise."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """Loads a tokenizer and gives it a pad token.
+
+    The pad id only fills padded positions; the loss masks them by attention mask and labels, so pad may equal the
+    end-of-turn token (SmolLM2) without hiding real end-of-turn labels.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if LLAMA3_PAD in tokenizer.get_vocab():
+        tokenizer.pad_token = LLAMA3_PAD
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_quantization_config(
+    load_in_4bit: bool = True,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: str = "float16",
+    quant_storage: str | None = None,
+) -> Any:
+    """A ``BitsAndBytesConfig`` for 4-bit loading, or None for plain 16/32-bit weights.
+
+    Args:
+        load_in_4bit: quantize the frozen base to 4 bits (QLoRA).
+        quant_type: ``nf4`` (QLoRA's NormalFloat) or ``fp4``.
+        double_quant: also quantize the quantization constants (~0.4 bit/param saved).
+        compute_dtype: dtype the 4-bit weights are dequantized to for matmuls.
+        quant_storage: storage dtype of the packed weights; FSDP needs it equal to the compute dtype.
+    """
+    if not load_in_4bit:
+        return None
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=to_dtype(compute_dtype),
+        bnb_4bit_quant_storage=to_dtype(quant_storage) if quant_storage else torch.uint8,
+    )
+
+
+def build_lora_config(
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.05,
+    target_modules: list[str] | str = "all-linear",
+    use_dora: bool = False,
+    use_rslora: bool = False,
+) -> Any:
+    """A PEFT ``LoraConfig`` for causal LM fine-tuning (QLoRA paper defaults: all linear layers)."""
+    from peft import LoraConfig
+
+    if r < 1:
+        raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        use_dora=use_dora,
+        use_rslora=use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_base_model(
+    name_or_path: str,
+    quantization: Any = None,
+    dtype: str = "float16",
+    attn_implementation: str = "sdpa",
+    device: torch.device | str = "cpu",
+    trust_remote_code: bool = False,
+) -> Any:
+    """Loads a causal LM, quantized when ``quantization`` is given, onto one device (never ``device_map="auto"``).
+
+    Each data-parallel rank loads its own copy on its own device. On CPU, bitsandbytes' packed-weight path is turned
+    off (see :func:`disable_cpu_weight_packing`).
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path,
+        quantization_config=quantization,
+        dtype=to_dtype(dtype),
+        attn_implementation=attn_implementation,
+        device_map={"": device},
+        trust_remote_code=trust_remote_code,
+    )
+    disable_cpu_weight_packing(model)
+    return model
+
+
+def disable_cpu_weight_packing(model: torch.nn.Module) -> int:
+    """Keeps bitsandbytes 4-bit layers on the format that has an autograd kernel.
+
+    bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks 4-bit weights during any no-grad pass (validation, sanity
+    check, ``generate``); the packed format has no autograd kernel, so later gradients through those layers are
+    silently dropped. Returns how many layers were switched.
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def wrap_with_lora(model: Any, lora_config: Any, gradient_checkpointing: bool = True) -> Any:
+    """Freezes the base, adds LoRA adapters (kept in fp32 for stable updates) and sets up checkpointing.
+
+    Unlike ``peft.prepare_model_for_kbit_training`` this leaves embeddings and output head in their 16-bit dtype:
+    casting them to fp32 costs 4 GiB for Llama-3's 128k vocabulary and buys nothing when they are frozen.
+    """
+    from peft import get_peft_model
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    try:
+        peft_model = get_peft_model(model, lora_config)
+    except ValueError as err:
+        if "not found in the base model" in str(err) or "Target modules" in str(err):
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise ValueError(
+                f"LoRA target_modules {lora_config.target_modules} match no layer of this model; linear layers are "
+                f"named {names[:12]} (or use 'all-linear')"
+            ) from err
+        raise
+    for param in peft_model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    peft_model.train()  # HF models load in eval mode; checkpointing and dropout only act in training mode
+    return peft_model
+
+
+def causal_lm_loss_sum(
+    model: Any, batch: dict[str, torch.Tensor], chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over the trained tokens of a batch, and how many there are.
+
+    The decoder runs once; the output head and cross-entropy then run over the trained positions only, in chunks of
+    ``chunk_size`` tokens, each recomputed in backward, so the full ``tokens x vocab`` logits (2 GiB in fp32 for 4k
+    tokens of Llama-3's 128k vocabulary) never exist at once.
+
+    Args:
+        model: a causal LM (PEFT-wrapped or not).
+        batch: ``input_ids``, ``labels`` and ``attention_mask`` or ``position_ids``.
+        chunk_size: tokens per head + loss chunk; 0 computes all at once.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    hidden = decoder(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    ).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    hidden, targets = hidden[:, :-1][mask], labels[mask]
+    n_tokens = mask.sum()
+    if targets.numel() == 0:
+        return hidden.sum() * 0.0, n_tokens
+    chunk = chunk_size if chunk_size > 0 else targets.numel()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk):
+        h, t = hidden[start : start + chunk], targets[start : start + chunk]
+        if torch.is_grad_enabled() and chunk < targets.numel():
+            total = total + checkpoint(_head_ce_sum, head, h, t, use_reentrant=False)
+        else:
+            total = total + _head_ce_sum(head, h, t)
+    return total, n_tokens
+
+
+def _head_ce_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
