@@ -1,4 +1,6 @@
-from capyft.cli import main
+import sys
+
+from capyft.cli import run
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run())

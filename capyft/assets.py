@@ -28,7 +28,8 @@ _MARKER = ".complete"
 
 # Llama-3 pre-tokenizer regex (tiktoken pattern of Meta's tokenizer)
 LLAMA3_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 # The 256 special tokens after the 128,000 BPE tokens, in the order of llama_models/llama3/tokenizer.py
 LLAMA3_SPECIAL_TOKENS = [
@@ -64,7 +65,8 @@ LLAMA3_SPECIAL_IDS = {
 LLAMA3_CHAT_TEMPLATE = (
     "{{- bos_token }}"
     "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}"
     "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
@@ -85,7 +87,7 @@ def cache_dir() -> Path:
 
 def _require(module: str, pip_spec: str, what: str) -> None:
     if importlib.util.find_spec(module) is None:
-        raise ImportError(f"{what} needs the `{module}` package: run `pip install {pip_spec}` (or `pip install -e .[dev]`)")
+        raise ImportError(f"{what} needs the `{module}` package: run `pip install {pip_spec}` (or `.[dev]`)")
 
 
 def _build_atomically(name: str, build: Callable[[Path], None]) -> Path:

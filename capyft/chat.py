@@ -71,7 +71,12 @@ def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt
             f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; use a chat/instruct model "
             "or set tokenizer.chat_template"
         )
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as err:  # e.g. raise_exception("roles must alternate"): a problem of this conversation
+        raise ValueError(f"the chat template cannot render this conversation: {err}") from err
 
 
 def _tokenize(tokenizer: Any, text: str) -> list[int]:
@@ -102,7 +107,9 @@ def split_assistant_segment(tokenizer: Any, segment: str, content: str) -> tuple
             "the chat template closes an assistant message with no special token, so capyft cannot find the "
             f"end-of-turn token to train; rendered assistant text ends with {segment[-40:]!r}"
         )
-    start = segment.find(content.strip())
+    start = segment.find(content)  # templates that keep the content as is: train all of it, whitespace included
+    if start < 0:
+        start = segment.find(content.strip())  # templates that trim it (Llama-3.x)
     if start < 0 or start >= end:
         raise ValueError(
             "the chat template changes assistant content beyond trimming it, so capyft cannot locate it in "
@@ -150,6 +157,11 @@ def encode_conversation(
         input_ids.extend(ids)
         labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
 
+    if assistant_idx[0] == 0:
+        raise ValueError(
+            "the conversation opens with an assistant message, so there is no prompt to render before it; "
+            "start it with a user (or system) message"
+        )
     for i in assistant_idx:
         prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
         full = render(tokenizer, messages[: i + 1])
@@ -163,7 +175,13 @@ def encode_conversation(
         add(trained, trained=i in trained_idx)
         add(trailer, trained=False)
         done = full
-    add(render(tokenizer, messages)[len(done) :], trained=False)  # anything a template writes after the last turn
+    full = render(tokenizer, messages)
+    if not full.startswith(done):
+        raise ValueError(
+            "the chat template does not render the whole conversation as an extension of its assistant turns, so "
+            "trained spans cannot be derived; use a template that renders conversations prefix-consistently"
+        )
+    add(full[len(done) :], trained=False)  # anything a template writes after the last assistant turn
 
     if max_length is not None:
         if max_length <= 0:
@@ -194,8 +212,6 @@ def split_prompt_reference(messages: list[dict[str, str]]) -> tuple[list[dict[st
     return messages[:last], messages[last]["content"]
 
 
-def encode_prompt(
-    messages: list[dict[str, str]], tokenizer: Any, system_prompt: str | None = None
-) -> list[int]:
+def encode_prompt(messages: list[dict[str, str]], tokenizer: Any, system_prompt: str | None = None) -> list[int]:
     """Token ids of ``messages`` rendered with the chat template and its generation prompt."""
     return _tokenize(tokenizer, render(tokenizer, with_system_prompt(messages, system_prompt), True))

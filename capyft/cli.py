@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from capyft.callbacks import AdapterExport
@@ -53,6 +53,14 @@ class CapyCLI(LightningCLI):
         if self.subcommand != "fit":
             _reuse_run_dir(config)
 
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        trainer = self._get(self.config_init, "trainer", default={})
+        callbacks = trainer.get("callbacks") or []
+        has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
+        if trainer.get("enable_progress_bar") is not False and not has_bar:
+            kwargs["callbacks"] = [*callbacks, RichProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
 
 def _reuse_run_dir(config: Any) -> None:
     """Evaluating a checkpoint of ``runs/<name>/<version>/checkpoints/``: log into that same run dir."""
@@ -74,17 +82,23 @@ def trainer_defaults() -> dict[str, Any]:
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": "runs", "name": "capyft", "default_hp_metric": False},
         },
-        "callbacks": [RichProgressBar(), AdapterExport()],
+        "callbacks": [AdapterExport()],
         "log_every_n_steps": 1,
         "use_distributed_sampler": False,  # ChatDataModule shards its own token-aware batches per rank
         "precision": "16-mixed",
-        "max_epochs": 1,
     }
 
 
-def main(args: list[str] | None = None) -> CapyCLI:
-    """Entry point of ``python -m capyft``."""
+def main(args: list[str] | None = None) -> CapyCLI | int:
+    """Entry point of ``python -m capyft``: LightningCLI's subcommands, plus ``export`` and ``chat`` (argparse)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import sys
+
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] in ("export", "chat"):
+        from capyft import export, interact
+
+        return (export.main if argv[0] == "export" else interact.main)(argv[1:])
     return CapyCLI(
         QLoRAModule,
         ChatDataModule,
@@ -92,3 +106,9 @@ def main(args: list[str] | None = None) -> CapyCLI:
         save_config_callback=SaveFitConfig,
         args=args,
     )
+
+
+def run() -> int:
+    """Console-script entry (``capyft ...``): exit status 0 after a LightningCLI run."""
+    result = main()
+    return result if isinstance(result, int) else 0

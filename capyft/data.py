@@ -62,13 +62,14 @@ def to_messages(row: dict[str, Any]) -> list[dict[str, str]]:
             messages += [{"role": "user", "content": turn["input"]}, {"role": "assistant", "content": turn["output"]}]
         return messages
     raise ValueError(
-        f"row has neither a 'messages' nor a 'conversation' column (columns: {sorted(row)}); "
+        f"row has neither a 'messages' nor a 'conversation' column, or both are empty (columns: {sorted(row)}); "
         "use trl's messages schema or LDJnr's conversation schema"
     )
 
 
 def _take(pool: Any, start: int, size: int) -> Any:
-    return pool.select(range(start, start + size))
+    # datasets rejects an empty range that starts at the end (IndexError), which an empty last split would be
+    return pool.select(range(start, start + size) if size else [])
 
 
 def split_source(
@@ -94,7 +95,7 @@ def split_source(
     has_test = "test" in data and test_size > 0
     carved = val_size + (0 if has_test else test_size)
     if train_size is None:
-        train_size = len(pool) - carved
+        train_size = max(0, len(pool) - carved)  # too little left: the size check below explains it
     for name, value in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
@@ -143,8 +144,27 @@ def tokenize_split(
         except ValueError as err:  # every problem with a row's content is a ValueError
             return {"input_ids": [], "labels": [], "messages": [], "error": str(err)}
 
+    import datasets
+
     keep = ["row"]
-    encoded = split.map(encode, remove_columns=[c for c in split.column_names if c not in keep], desc=f"tokenize {name}")
+    # Explicit types: inferred from the first 1,000 rows, a batch of bad rows alone would type the columns as
+    # lists of nulls, and the next good row fails to cast.
+    string = datasets.Value("string")
+    features = datasets.Features(
+        {
+            **{column: split.features[column] for column in keep},
+            "input_ids": [datasets.Value("int32")],
+            "labels": [datasets.Value("int32")],
+            "messages": [{"role": string, "content": string}],
+            "error": string,
+        }
+    )
+    encoded = split.map(
+        encode,
+        remove_columns=[c for c in split.column_names if c not in keep],
+        features=features,
+        desc=f"tokenize {name}",
+    )
     errors = [(r, e) for r, e in zip(encoded["row"], encoded["error"]) if e]
     if errors:
         first = "; ".join(f"row {r}: {e}" for r, e in errors[:3])

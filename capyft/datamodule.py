@@ -38,7 +38,8 @@ class ChatDataModule(L.LightningDataModule):
         shuffle: shuffle the training split (seeded) before carving; default False keeps the stored order, so
             ``train_size: 500`` is the reference's first 500 rows. Training batches are shuffled every epoch.
         seed: seed of the carving shuffle and of the per-epoch batch order.
-        max_length: truncate conversations to this many tokens (labels stay aligned).
+        max_length: truncate train and val conversations to this many tokens (labels stay aligned); test prompts
+            are kept whole.
         train_on: ``all`` assistant messages or only the ``last``.
         system_prompt: a system message for conversations that have none (None: the template's default).
         on_bad_row: ``error`` stops at the first bad row, naming it; ``skip`` drops bad rows and logs how many.
@@ -87,8 +88,10 @@ class ChatDataModule(L.LightningDataModule):
         raw = split_source(load_source(hp.source), hp.train_size, hp.val_size, hp.test_size, hp.shuffle, hp.seed)
         for name, split in raw.items():
             if len(split):
+                # test rows are only prompted (whole, as in the seed); a cut meant for training must not drop them
+                max_length = None if name == "test" else hp.max_length
                 self.splits[name] = tokenize_split(
-                    split, self.tokenizer, name, hp.max_length, hp.train_on, hp.system_prompt, hp.on_bad_row
+                    split, self.tokenizer, name, max_length, hp.train_on, hp.system_prompt, hp.on_bad_row
                 )
         sizes = ", ".join(f"{name} {len(split)}" for name, split in self.splits.items())
         log.info("data from %s: %s conversations", hp.source, sizes)
@@ -97,10 +100,17 @@ class ChatDataModule(L.LightningDataModule):
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
+    def _generator(self) -> torch.Generator:
+        # A DataLoader draws its base seed from the global RNG each time it is iterated unless it has its own
+        # generator; that would shift dropout masks between an uninterrupted and a resumed run.
+        return torch.Generator().manual_seed(self.hparams.seed)
+
     def _collator(self) -> ChatCollator:
         return ChatCollator(self.pad_id, self.hparams.padding_free, self.hparams.pad_to_multiple_of)
 
     def train_dataloader(self) -> DataLoader:
+        if "train" not in self.splits:
+            raise ValueError("no training conversations: set data.train_size > 0 (or None for all that remain)")
         split = self.splits["train"]
         trainer = self.trainer
         accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
@@ -131,6 +141,7 @@ class ChatDataModule(L.LightningDataModule):
             collate_fn=self._collator(),
             num_workers=self.hparams.num_workers,
             pin_memory=torch.cuda.is_available(),
+            generator=self._generator(),
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -141,6 +152,7 @@ class ChatDataModule(L.LightningDataModule):
             batch_size=self.hparams.eval_batch_size,
             collate_fn=self._collator(),
             num_workers=self.hparams.num_workers,
+            generator=self._generator(),
         )
 
     def test_dataloader(self) -> DataLoader:
@@ -157,6 +169,7 @@ class ChatDataModule(L.LightningDataModule):
             batch_size=self.hparams.eval_batch_size,
             collate_fn=PromptCollator(self.pad_id),
             num_workers=self.hparams.num_workers,
+            generator=self._generator(),
         )
 
 

@@ -13,6 +13,10 @@ import lightning as L
 import numpy as np
 import torch
 
+from capyft import evaluation
+from capyft.callbacks import run_dir
+from capyft.chat import end_of_turn_ids
+from capyft.evaluation import BERTScoreSettings, GenerationSettings
 from capyft.modeling import (
     build_lora_config,
     build_quantization_config,
@@ -55,6 +59,9 @@ class QLoRAModule(L.LightningModule):
         lr_schedule: decay after warmup: ``cosine``, ``linear`` or ``constant``.
         loss_chunk_size: tokens per output-head + cross-entropy chunk; bounds logit memory (0: no chunking).
         trust_remote_code: run model code from the hub repo; off unless you trust it.
+        generation: how ``test``/``predict`` answer prompts (``--model.generation.max_new_tokens`` etc.; greedy).
+        bertscore: how ``test`` scores answers (``--model.bertscore.model_type`` etc.; roberta-large, layer 17).
+        compare_base: ``test`` also answers with the adapter disabled and logs ``test/base_bertscore_*``.
     """
 
     def __init__(
@@ -80,9 +87,16 @@ class QLoRAModule(L.LightningModule):
         lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
         loss_chunk_size: int = 1024,
         trust_remote_code: bool = False,
+        generation: GenerationSettings = GenerationSettings(),  # noqa: B008 (frozen dataclass: safe to share)
+        bertscore: BERTScoreSettings = BERTScoreSettings(),  # noqa: B008
+        compare_base: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # Evaluation settings stay out of hparams, hence out of checkpoints: LightningCLI applies a ckpt_path's
+        # hparams over the command line, which would undo e.g. `test --model.compare_base true`.
+        self.save_hyperparameters(ignore=["generation", "bertscore", "compare_base"])
+        self.generation, self.bertscore = generation, bertscore
+        self.compare_base = compare_base
         self.model: Any = None
         self.tokenizer: Any = None
         self.strict_loading = False  # checkpoints hold the adapter only, not the frozen base
@@ -123,7 +137,8 @@ class QLoRAModule(L.LightningModule):
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(),
+            # plain tensors and ints only, so the checkpoint loads with torch.load(weights_only=True)
+            "numpy": _numpy_state_to_plain(np.random.get_state()),
             "python": random.getstate(),
         }
 
@@ -134,7 +149,7 @@ class QLoRAModule(L.LightningModule):
         torch.set_rng_state(states["torch"])
         if states["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
-        np.random.set_state(states["numpy"])
+        np.random.set_state(_numpy_state_from_plain(states["numpy"]))
         random.setstate(states["python"])
 
     # ---- training -------------------------------------------------------------------------------------------
@@ -171,7 +186,8 @@ class QLoRAModule(L.LightningModule):
         if torch.cuda.is_available():
             metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.log_dict(metrics, on_step=True, prog_bar=False, sync_dist=False, batch_size=1)
-        self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=1)
+        bar = {"loss": metrics["train/loss"], "tok/s": metrics["train/tokens_per_sec"]}
+        self.log_dict(bar, prog_bar=True, logger=False, batch_size=1)
         self._step_loss, self._step_tokens = 0.0, 0
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -185,7 +201,74 @@ class QLoRAModule(L.LightningModule):
             self.model.train()
 
     # ---- test hook: generation + BERTScore (see capyft.evaluation) -----------------------------------------
-    # (owned by the evaluation work: test_step, on_test_epoch_start/end, predict_step)
+    _scorer: Any = None  # bert_score.BERTScorer, loaded on the first test and kept
+
+    def on_test_epoch_start(self) -> None:
+        self._records: list[dict[str, Any]] = []
+        self._gen_tokens, self._gen_seconds = 0, 0.0
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._records.extend(self.predict_step(batch, batch_idx))
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Answers a batch of prompts (and, with ``compare_base``, answers again with the adapter disabled)."""
+        args = (self.tokenizer, batch["input_ids"], batch["attention_mask"], self.generation)
+        stops, seed = end_of_turn_ids(self.tokenizer), self.generation.seed + min(batch["row"])
+        start = time.perf_counter()
+        tuned = evaluation.generate(self.model, *args, stops, seed)
+        base: list[Any] = [None] * len(tuned)
+        if self.compare_base:
+            with self.model.disable_adapter():
+                base = evaluation.generate(self.model, *args, stops, seed)
+        self._gen_seconds = getattr(self, "_gen_seconds", 0.0) + time.perf_counter() - start
+        self._gen_tokens = getattr(self, "_gen_tokens", 0) + sum(g.num_tokens for g in [*tuned, *base] if g)
+        fields = zip(batch["row"], batch["prompt"], batch["reference"], tuned, base)
+        return [
+            {"row": row, "prompt": prompt, "reference": reference, "prediction": t.text}
+            | ({"base_prediction": b.text} if b else {})
+            | {"num_tokens": t.num_tokens, "stopped": t.stopped}
+            | ({"base_num_tokens": b.num_tokens, "base_stopped": b.stopped} if b else {})
+            for row, prompt, reference, t, b in fields
+        ]
+
+    def on_test_epoch_end(self) -> None:
+        records = evaluation.gather_records(self._records)  # every rank's answers, in test-set order
+        rate = torch.tensor(self._gen_tokens / max(self._gen_seconds, 1e-9), device=self.device)
+        rate = float(self.trainer.strategy.reduce(rate, reduce_op="sum"))  # total throughput over ranks
+        metrics: dict[str, float] = {}
+        if self.trainer.is_global_zero:
+            metrics = self._score_and_report(records, rate)
+        metrics = self.trainer.strategy.broadcast(metrics)
+        self.log_dict(metrics, batch_size=len(records))
+
+    def _score_and_report(self, records: list[dict[str, Any]], rate: float) -> dict[str, float]:
+        if self._scorer is None:
+            self._scorer = evaluation.load_scorer(self.bertscore, self.device)
+        records, metrics = evaluation.evaluate(records, self._scorer, self.bertscore)
+        metrics["test/gen_tokens_per_sec"] = rate
+        metrics["test/gen_stopped_frac"] = sum(r["stopped"] for r in records) / len(records)  # ended at end-of-turn
+        info = {
+            "bertscore_hash": evaluation.score_hash(self._scorer, self.bertscore),
+            "num_examples": len(records),
+            "ckpt_path": self.trainer.ckpt_path,
+            **evaluation.settings_dict(self.generation, self.bertscore),
+        }
+        predictions, summary = evaluation.write_outputs(run_dir(self.trainer), records, metrics, info)
+        step = self.trainer.global_step
+        for logger in self.loggers:
+            experiment = logger.experiment
+            if hasattr(experiment, "add_text"):  # TensorBoard
+                experiment.add_text("test/examples", evaluation.examples_markdown(records), step)
+                for prefix in ("", "base_"):
+                    if f"{prefix}f1" in records[0]:
+                        f1 = np.array([r[f"{prefix}f1"] for r in records])
+                        experiment.add_histogram(f"test/{prefix}bertscore_f1_per_example", f1, step)
+        from rich.console import Console
+
+        console = Console()
+        console.print(evaluation.comparison_table(metrics))
+        console.print(f"bert-score {info['bertscore_hash']}; {predictions} and {summary} written")
+        return metrics
 
     # ---- optimizer ------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
@@ -209,6 +292,17 @@ class QLoRAModule(L.LightningModule):
         self.model.save_pretrained(str(directory))
         self.tokenizer.save_pretrained(str(directory))
         return directory
+
+
+def _numpy_state_to_plain(state: tuple) -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = state
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _numpy_state_from_plain(state: dict[str, Any]) -> tuple:
+    keys = state["keys"].numpy().astype(np.uint32)
+    return state["name"], keys, state["pos"], state["has_gauss"], state["cached"]
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Any:

@@ -28,6 +28,7 @@ def make_tiny_llama(out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=4096,
+        initializer_range=0.1,  # wider than 0.02 so logits can move far enough for toy tasks to be learnable
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

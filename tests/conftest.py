@@ -1,0 +1,38 @@
+"""Shared fixtures: real tokenizers built offline by :mod:`capyft.assets`, and the 16 real Capybara rows."""
+
+import os
+
+# Nothing may reach for the hub; set before transformers / datasets are imported by any test module.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import json
+
+import pytest
+
+from capyft import assets
+from capyft.data import SAMPLE_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer: ChatML template with a default system prompt, eos = pad = ``<|im_end|>``."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(assets.smollm2_dir())
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer():
+    """The real Llama-3 tokenizer with capyft's Llama-3.1-style template: eos ``<|eot_id|>``, pad 128004."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(assets.llama3_tokenizer_dir())
+
+
+@pytest.fixture(scope="session")
+def sample_rows():
+    """The 16 real Capybara rows in trl's ``messages`` schema (shared: copy before changing them)."""
+    with open(SAMPLE_DATA, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]

@@ -1,0 +1,272 @@
+"""Padding-free packing: conversations packed into one row must not see each other.
+
+A tiny random Llama on CPU runs the same code paths as the 8B model on a GPU: transformers' SDPA with the
+block-diagonal mask it builds from restarting ``position_ids``, and capyft's ``sdpa_packed``, which runs each
+conversation on its own. Also checks the levers around it (offloaded embeddings) and the GPU benchmark's
+random-weight 4-bit builder and synthetic data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from capyft.chat import IGNORE_INDEX
+from capyft.data import ChatCollator
+from capyft.modeling import (
+    PACKED_SDPA,
+    OffloadedEmbedding,
+    build_lora_config,
+    causal_lm_loss_sum,
+    offload_input_embeddings,
+    packed_sequence_kwargs,
+    prepare_base_model,
+    wrap_with_lora,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 256
+LENGTHS = [37, 11, 64, 23]  # uneven on purpose, one long enough to dominate a dense mask
+
+
+def tiny_llama(attn: str = "sdpa", seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        **overrides,
+    )
+    config._attn_implementation = "sdpa" if attn == PACKED_SDPA else attn
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    return prepare_base_model(model, attn)
+
+
+def conversations(seed: int = 0) -> list[dict[str, list[int]]]:
+    """Random conversations whose labels mask a prompt prefix, like assistant-only training."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in LENGTHS:
+        ids = torch.randint(0, VOCAB, (n,), generator=generator).tolist()
+        prompt = max(1, n // 4)
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    return rows
+
+
+def packed_logits(model, batch):
+    """Logits of a packed row, called the way ``causal_lm_loss_sum`` calls the decoder.
+
+    ``use_cache=False`` matters: with a cache transformers does not look for restarting positions and silently
+    attends across conversations (``sdpa``; ``sdpa_packed`` keeps them apart through ``cu_seq_lens_q``).
+    """
+    kwargs = packed_sequence_kwargs(batch["position_ids"])
+    ids, positions = batch["input_ids"], batch["position_ids"]
+    return model(input_ids=ids, position_ids=positions, use_cache=False, **kwargs).logits[0]
+
+
+def test_packed_sequence_kwargs_bounds():
+    kwargs = packed_sequence_kwargs(torch.tensor([[0, 1, 2, 0, 1, 0]]))
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, 3, 5, 6]
+    assert kwargs["cu_seq_lens_q"].capyft_bounds == [0, 3, 5, 6]
+    assert kwargs["max_length_q"] == 3
+
+
+@pytest.mark.parametrize("attn", ["sdpa", PACKED_SDPA, "eager"])
+@torch.no_grad()
+def test_packed_logits_equal_each_conversation_alone(attn):
+    model = tiny_llama(attn)
+    rows = conversations()
+    logits = packed_logits(model, ChatCollator(pad_id=0, padding_free=True)(rows))
+    start = 0
+    for row in rows:
+        alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+        n = len(row["input_ids"])
+        torch.testing.assert_close(logits[start : start + n], alone, rtol=1e-5, atol=1e-5)
+        start += n
+    assert start == logits.shape[0]
+
+
+@torch.no_grad()
+def test_sdpa_packed_runs_one_causal_attention_per_conversation(monkeypatch):
+    from capyft import modeling
+
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, **kwargs):
+        calls.append((query.shape[2], kwargs.get("is_causal"), kwargs.get("attn_mask")))
+        return real(query, key, value, **kwargs)
+
+    monkeypatch.setattr(modeling.F, "scaled_dot_product_attention", spy)
+    packed_logits(tiny_llama(PACKED_SDPA), ChatCollator(pad_id=0, padding_free=True)(conversations()))
+    assert calls == [(n, True, None) for n in LENGTHS] * 2  # 2 layers, no dense mask
+
+
+@pytest.mark.parametrize("attn", ["sdpa", PACKED_SDPA])
+@torch.no_grad()
+def test_changing_one_conversation_leaves_the_others_alone(attn):
+    model = tiny_llama(attn)
+    rows = conversations()
+    collate = ChatCollator(pad_id=0, padding_free=True)
+    before = packed_logits(model, collate(rows))
+    changed = [dict(r) for r in rows]
+    changed[1] = {"input_ids": [(t + 7) % VOCAB for t in rows[1]["input_ids"]], "labels": rows[1]["labels"]}
+    after = packed_logits(model, collate(changed))
+    a, b = LENGTHS[0], LENGTHS[0] + LENGTHS[1]
+    assert not torch.allclose(before[a:b], after[a:b])  # the changed conversation changed
+    torch.testing.assert_close(before[:a], after[:a], rtol=0, atol=0)
+    torch.testing.assert_close(before[b:], after[b:], rtol=1e-6, atol=1e-6)  # later ones saw nothing of it
+
+    # the check has teeth: one causal row without restarting positions lets conversation 3 see conversation 2
+    plain = model(input_ids=collate(rows)["input_ids"], use_cache=False).logits[0]
+    plain_changed = model(input_ids=collate(changed)["input_ids"], use_cache=False).logits[0]
+    assert not torch.allclose(plain[b:], plain_changed[b:])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", PACKED_SDPA])
+def test_packed_loss_and_lora_gradients_equal_padded(attn):
+    torch.manual_seed(0)
+    model = wrap_with_lora(tiny_llama(attn), build_lora_config(r=4, alpha=8, dropout=0.0), gradient_checkpointing=True)
+    rows = conversations(seed=1)
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss_sum, n_tokens = causal_lm_loss_sum(model, batch, chunk_size=16)
+        loss_sum.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss_sum.detach(), int(n_tokens), grads
+
+    packed = loss_and_grads(ChatCollator(pad_id=0, padding_free=True)(rows))
+    padded = loss_and_grads(ChatCollator(pad_id=0)(rows))
+    alone = [causal_lm_loss_sum(model, ChatCollator(pad_id=0)([r]), 0) for r in rows]
+    assert packed[1] == padded[1] == sum(int(n) for _, n in alone)
+    torch.testing.assert_close(packed[0], padded[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[0], sum(s for s, _ in alone).detach(), rtol=1e-5, atol=1e-5)
+    assert packed[2].keys() == padded[2].keys() and packed[2]
+    for name in packed[2]:
+        torch.testing.assert_close(packed[2][name], padded[2][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@torch.no_grad()
+def test_packed_4bit_model_matches_alone():
+    from transformers import BitsAndBytesConfig
+
+    bench = load_bench()
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = bench.build_random_4bit_model(bench.tiny_config(VOCAB), quantization, "cpu", torch.float32, PACKED_SDPA)
+    prepare_base_model(model, PACKED_SDPA)
+    rows = conversations(seed=2)
+    logits = packed_logits(model, ChatCollator(pad_id=0, padding_free=True)(rows))
+    start = 0
+    for row in rows:
+        alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+        n = len(row["input_ids"])
+        torch.testing.assert_close(logits[start : start + n], alone, rtol=1e-4, atol=1e-4)
+        start += n
+
+
+@torch.no_grad()
+def test_sdpa_packed_generates_like_sdpa():
+    prompt = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0  # left padding
+    out = {
+        attn: tiny_llama(attn).generate(
+            input_ids=prompt, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0
+        )
+        for attn in ("sdpa", PACKED_SDPA)
+    }
+    assert torch.equal(out["sdpa"], out[PACKED_SDPA])
+
+
+def test_offloaded_embedding_matches_and_stays_on_cpu():
+    embedding = torch.nn.Embedding(VOCAB, 16)
+    offloaded = OffloadedEmbedding(embedding)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    torch.testing.assert_close(offloaded(ids), embedding(ids))
+    assert list(offloaded.parameters()) == [] and list(offloaded.buffers()) == []
+    offloaded.to("meta")  # what Lightning's model.to(device) does: the table is no parameter, so it stays
+    assert offloaded.weight_cpu.device.type == "cpu"
+    # a CPU model keeps its embeddings: there is nothing to save
+    assert offload_input_embeddings(tiny_llama()) is False
+
+
+# ---- the GPU benchmark's building blocks, checked on CPU ---------------------------------------------------------
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "scripts" / "bench_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def structure(model) -> dict[str, object]:
+    """Module types, parameter types / dtypes / shapes / flags, 4-bit state keys, buffers and model-level flags."""
+    out: dict[str, object] = {}
+    for name, module in model.named_modules():
+        out[f"module {name}"] = (type(module).__name__, module.training)
+    for name, p in model.named_parameters():
+        quant = getattr(p, "quant_state", None)
+        extra = {k: v for k, v in vars(p).items() if k not in ("module", "quant_state", "_is_hf_initialized")}
+        out[f"param {name}"] = (type(p).__name__, p.dtype, tuple(p.shape), p.requires_grad, p.device.type, extra)
+        if quant is not None:
+            out[f"quant {name}"] = sorted(quant.as_dict())
+    for name, b in model.named_buffers():
+        out[f"buffer {name}"] = (b.dtype, tuple(b.shape), b.device.type)
+    for key in ("is_quantized", "is_loaded_in_4bit", "quantization_method"):
+        out[key] = getattr(model, key, None)
+    out["hf_quantizer"] = type(getattr(model, "hf_quantizer", None)).__name__
+    config = model.config.to_dict()
+    out["config"] = {k: config[k] for k in sorted(config) if k not in ("_name_or_path", "transformers_version")}
+    return out
+
+
+def test_bench_random_4bit_model_has_the_structure_of_a_4bit_load(tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM
+
+    bench = load_bench()
+    config = bench.tiny_config(VOCAB)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    built = bench.build_random_4bit_model(config, quantization, "cpu", torch.bfloat16, "sdpa")
+    LlamaForCausalLM(bench.tiny_config(VOCAB)).save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=quantization, dtype=torch.bfloat16, attn_implementation="sdpa", device_map="cpu"
+    )
+    a, b = structure(built), structure(loaded)
+    assert {k: v for k, v in a.items() if a.get(k) != b.get(k)} == {}
+    assert {k: v for k, v in b.items() if a.get(k) != b.get(k)} == {}
+    torch.testing.assert_close(built.model.rotary_emb.inv_freq, loaded.model.rotary_emb.inv_freq)
+    assert torch.isfinite(built(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_bench_conversations_look_like_capybara():
+    bench = load_bench()
+    rows = bench.make_conversations(400, seed=0)
+    lengths = torch.tensor([len(r["input_ids"]) for r in rows], dtype=torch.float)
+    assert lengths.min() >= 200 and lengths.max() <= 2048
+    assert 750 <= lengths.median() <= 1050
+    trained = sum(sum(label != IGNORE_INDEX for label in r["labels"][1:]) for r in rows)
+    assert 0.85 <= trained / lengths.sum() <= 0.95
+    assert rows == bench.make_conversations(400, seed=0)  # the same sequences for every stack
+    assert all(r["labels"][0] == IGNORE_INDEX for r in rows)

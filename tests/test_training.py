@@ -1,0 +1,253 @@
+"""Training through the real CLI and Trainer on a tiny random Llama: what changes, what is saved, what resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from capyft.cli import main
+from capyft.datamodule import ChatDataModule
+from capyft.model import QLoRAModule
+from capyft.tiny import make_tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from capyft.assets import smollm2_dir
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", smollm2_dir())
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> Path:
+    """A learnable toy set: the answer is a fixed function of the question; uneven lengths."""
+    words = ["red", "green", "blue", "amber", "violet", "black", "white", "olive", "teal", "pink", "gold", "gray"]
+    path = tmp_path_factory.mktemp("data") / "toy.jsonl"
+    with path.open("w") as f:
+        for i, w in enumerate(words):
+            messages = [
+                {"role": "user", "content": f"Say {w}" + " please" * (i % 4)},
+                {"role": "assistant", "content": " ".join([w] * (1 + i % 5))},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def fit_args(tmp_path: Path, model: Path, data: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        f"--model.model_name_or_path={model}",
+        f"--data.source={data}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        "--trainer.enable_progress_bar=false",
+        *extra,
+    ]
+
+
+def scalars(run: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[int, float] = {}
+    for events in sorted(run.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
+
+
+def test_fit_trains_adapter_only_and_logs(tmp_path, tiny_model, toy_data):
+    cli = main(fit_args(tmp_path, tiny_model, toy_data, "--trainer.max_steps=24", "--model.learning_rate=0.03"))
+    run = Path(cli.trainer.log_dir)
+    module = cli.model
+
+    # trainable weights changed, every base weight bit-identical to the saved model
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).state_dict()
+    fresh = QLoRAModule(
+        **{k: v for k, v in module.hparams.items() if not k.startswith("_")}
+    )  # same 4-bit quantization, untrained: packed weights must match
+    fresh.configure_model()
+    fresh_params = dict(fresh.model.get_base_model().named_parameters())
+    lora_b = [p for n, p in module.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # lora_B starts at zero
+    base = module.model.get_base_model()
+    for name, param in base.named_parameters():
+        if "lora_" in name:
+            continue
+        key = name.replace(".base_layer", "")
+        if param.__class__.__name__ == "Params4bit":
+            assert torch.equal(param.data, fresh_params[name].data), name
+            continue
+        assert torch.equal(param.detach().cpu(), original[key].to(param.dtype)), name
+    assert not any(p.requires_grad for n, p in base.named_parameters() if "lora_" not in n)
+
+    # loss falls on the learnable toy set; TensorBoard holds train and val loss
+    train = scalars(run, "train/loss")
+    val = scalars(run, "val/loss")
+    assert len(train) == 24 and val
+    steps = sorted(train)
+    assert sum(train[s] for s in steps[-3:]) / 3 < 0.9 * sum(train[s] for s in steps[:3]) / 3
+    assert set(scalars(run, "train/tokens_per_sec")) and set(scalars(run, "train/grad_norm"))
+
+    # the checkpoint holds only adapter tensors (plus optimizer and loop state)
+    last = run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
+    assert {"optimizer_states", "lr_schedulers", "loops"} <= set(ckpt)
+    print(f"last.ckpt: {last.stat().st_size / 1e6:.2f} MB for {len(ckpt['state_dict'])} adapter tensors")
+
+    # the PEFT-format adapter loads with PeftModel.from_pretrained and gives the module's logits
+    from peft import PeftModel
+
+    final = run / "adapter" / "final"
+    assert (final / "adapter_config.json").exists() and (final / "adapter_model.safetensors").exists()
+    assert set(load_file(final / "adapter_model.safetensors"))
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), final).eval()
+    ids = torch.tensor([[1, 5, 9, 200, 7, 3]])
+    module.model.eval()
+    with torch.no_grad():
+        expected = module.model(input_ids=ids).logits.float()
+        got = plain(input_ids=ids).logits.float()
+    # the module's base is 4-bit: compare with a 4-bit reload through the same path instead of fp32 when 4-bit
+    if module.hparams.load_in_4bit:
+        reloaded = PeftModel.from_pretrained(module.model.get_base_model(), final, adapter_name="reloaded")
+        reloaded.set_adapter("reloaded")
+        with torch.no_grad():
+            got = reloaded(input_ids=ids).logits.float()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+    # the saved config reproduces the run
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["model_name_or_path"] == str(tiny_model)
+    assert "tokenizer" not in saved["data"] and cli.datamodule.hparams.tokenizer == str(tiny_model)  # linked
+    assert saved["trainer"]["max_steps"] == 24
+
+
+def test_adapter_loads_into_plain_base(tmp_path, tiny_model, toy_data):
+    """Plain LoRA (no 4-bit): the exported adapter on a fresh fp32 base gives the module's logits exactly."""
+    cli = main(fit_args(tmp_path, tiny_model, toy_data, "--trainer.max_steps=3", "--model.load_in_4bit=false"))
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    module = cli.model.eval()
+    fresh = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model), Path(cli.trainer.log_dir) / "adapter" / "final"
+    )
+    ids = torch.tensor([[1, 5, 9, 200, 7, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(input_ids=ids).logits, module.model(input_ids=ids).logits)
+
+
+def test_resume_matches_uninterrupted(tmp_path, tiny_model, toy_data):
+    common = ["--model.lora_dropout=0.2", "--trainer.val_check_interval=3", "--checkpoint.every_n_train_steps=3"]
+    straight = main(fit_args(tmp_path / "a", tiny_model, toy_data, "--trainer.max_steps=8", *common))
+    # the interrupted run has the same plan (max_steps 8, so the same LR schedule) but stops after step 3
+    stop = '--trainer.callbacks+={"class_path": "test_training.StopAtStep", "init_args": {"step": 3}}'
+    first = main(fit_args(tmp_path / "b", tiny_model, toy_data, "--trainer.max_steps=8", *common, stop))
+    assert first.trainer.global_step == 3
+    run_b = Path(first.trainer.log_dir)
+    resumed = main(
+        fit_args(tmp_path / "b", tiny_model, toy_data, "--trainer.max_steps=8", *common)
+        + [f"--ckpt_path={run_b / 'checkpoints' / 'last.ckpt'}"]
+    )
+    assert resumed.trainer.global_step == straight.trainer.global_step == 8
+    a = scalars(Path(straight.trainer.log_dir), "train/loss")
+    b = {**scalars(run_b, "train/loss"), **scalars(Path(resumed.trainer.log_dir), "train/loss")}
+    assert sorted(a) == sorted(b) == list(range(8))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5, abs=1e-6), step
+    lr_a, lr_b = scalars(Path(straight.trainer.log_dir), "train/lr"), scalars(Path(resumed.trainer.log_dir), "train/lr")
+    assert all(lr_a[s] == pytest.approx(lr_b[s]) for s in lr_b)
+
+
+class StopAtStep(L.Callback):
+    """Stops training after ``step`` optimizer steps, like an interruption."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+class GradRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self.grads:
+            self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+
+def first_step_grads(model_dir: Path, data: Path, batch: int, accumulate: int, tmp_path: Path) -> dict:
+    torch.manual_seed(0)
+    module = QLoRAModule(str(model_dir), load_in_4bit=False, compute_dtype="float32", lora_dropout=0.0, lora_r=4)
+    datamodule = ChatDataModule(
+        str(model_dir), source=str(data), train_size=8, val_size=0, test_size=0, batch_size=batch, max_length=128
+    )
+    recorder = GradRecorder()
+    trainer = L.Trainer(
+        max_steps=1,
+        accumulate_grad_batches=accumulate,
+        callbacks=[recorder],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+        use_distributed_sampler=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule)
+    return recorder.grads
+
+
+def test_accumulation_is_token_weighted(tmp_path, tiny_model, toy_data):
+    big = first_step_grads(tiny_model, toy_data, batch=4, accumulate=1, tmp_path=tmp_path)
+    small = first_step_grads(tiny_model, toy_data, batch=1, accumulate=4, tmp_path=tmp_path)
+    assert big and big.keys() == small.keys()
+    for name in big:
+        torch.testing.assert_close(small[name], big[name], rtol=1e-4, atol=1e-7)
+
+
+def test_training_after_validation_moves_weights(tmp_path, tiny_model, toy_data):
+    """bitsandbytes' CPU trap: a no-grad pass must not stop gradients through the 4-bit layers."""
+
+    def lora_delta(*extra: str) -> float:
+        cli = main(
+            fit_args(
+                tmp_path / str(len(extra)),
+                tiny_model,
+                toy_data,
+                "--trainer.max_steps=4",
+                "--model.lora_dropout=0.0",
+                *extra,
+            )
+        )
+        return sum(p.detach().abs().sum().item() for n, p in cli.model.named_parameters() if "lora_B" in n)
+
+    without_val = lora_delta("--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0")
+    with_val = lora_delta("--trainer.val_check_interval=1", "--trainer.num_sanity_val_steps=2")
+    assert with_val == pytest.approx(without_val, rel=1e-4)
+
+
+def test_every_config_parses():
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert configs
+    for config in configs:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(config), "--print_config"])
+        assert exit_info.value.code == 0, config
