@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from capyft.callbacks import AdapterExport
+from capyft import checks
+from capyft.callbacks import (
+    AdapterExport,
+    AtomicCheckpointIO,
+    LastCheckpoint,
+    NonFiniteError,
+    NonFiniteGuard,
+    OutOfMemoryAdvice,
+)
 from capyft.datamodule import ChatDataModule
 from capyft.model import MONITOR, QLoRAModule
 
 log = logging.getLogger("capyft")
-# Precisions that need a CUDA GPU, and what to run instead on CPU (16-true gives NaN there, see FACTS).
-GPU_ONLY_PRECISION = {"16-mixed", "16", "16-true", "bf16-true", "transformer-engine", "transformer-engine-float16"}
 
 
 class SaveFitConfig(SaveConfigCallback):
@@ -27,12 +38,29 @@ class SaveFitConfig(SaveConfigCallback):
             super().setup(trainer, pl_module, stage)
 
 
+class CapyArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, reporting a bad key or value in one line instead of a 130-line usage block."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        message = re.sub(r"(?:an? )?<class '(?:[\w.]+\.)?(\w+)'>", r"\1", " ".join(message.split()))
+        if len(message) > 500:
+            message = message[:500] + " ..."
+        if message.startswith("unrecognized arguments"):
+            message += " (a misspelled or unknown key)"
+        sub = (getattr(ex, "subcommand_parser", None) or self).prog.split()[-1]
+        sys.stderr.write(f"error: {message}; `python -m capyft {sub} --help` lists every key\n")
+        self.exit(2)
+
+
 class CapyCLI(LightningCLI):
     """LightningCLI with capyft's links, checkpointing defaults and device-aware precision."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(NonFiniteGuard, "guard")
         parser.set_defaults(
             {
                 "checkpoint.monitor": MONITOR,
@@ -44,14 +72,48 @@ class CapyCLI(LightningCLI):
             }
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # before LightningCLI reads the checkpoint's hyperparameters: resolve `last`, refuse a damaged file
+        if self.config.get("subcommand"):
+            _check_ckpt_path(self.config[self.config.subcommand])
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         trainer = config.trainer
-        if not torch.cuda.is_available() and str(trainer.precision) in GPU_ONLY_PRECISION:
-            log.warning("precision %s needs a CUDA GPU; none found, so training runs in bf16-mixed", trainer.precision)
-            trainer.precision = "bf16-mixed"
+        on_gpu = torch.cuda.is_available() and str(trainer.accelerator) != "cpu"
+        capability = torch.cuda.get_device_capability() if on_gpu else None
+        precision = checks.resolve_precision(trainer.precision, config.model.compute_dtype, capability)
+        if precision != str(trainer.precision):
+            log.warning(
+                "precision %s needs a CUDA GPU; none found, so training runs in %s", trainer.precision, precision
+            )
+            trainer.precision = precision
+        checks.check_model_path(config.model.model_name_or_path)
+        checks.check_data_source(config.data.source)
         if self.subcommand != "fit":
             _reuse_run_dir(config)
+
+    def before_fit(self) -> None:
+        self._check_max_length()
+
+    def before_validate(self) -> None:
+        self._check_max_length()
+
+    def _check_max_length(self) -> None:
+        """Loads the tokenizer (kept for the data module) and checks data.max_length against its chat header."""
+        from capyft.modeling import load_tokenizer
+
+        data = self.datamodule
+        if data is None or data.tokenizer is not None:
+            return
+        try:
+            data.tokenizer = load_tokenizer(data.hparams.tokenizer)
+        except OSError as err:
+            raise checks.ConfigError(
+                f"model.model_name_or_path: no tokenizer in {data.hparams.tokenizer}: {err}"
+            ) from err
+        checks.check_max_length(data.hparams.max_length, data.tokenizer, data.hparams.system_prompt)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         trainer = self._get(self.config_init, "trainer", default={})
@@ -59,7 +121,38 @@ class CapyCLI(LightningCLI):
         has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
         if trainer.get("enable_progress_bar") is not False and not has_bar:
             kwargs["callbacks"] = [*callbacks, RichProgressBar()]
+        # atomic checkpoint writes unless the user chose a CheckpointIO (as a plugin or on the strategy)
+        plugins = trainer.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        own_io = getattr(trainer.get("strategy"), "_checkpoint_io", None) is not None
+        if not own_io and not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
+
+
+def _check_ckpt_path(config: Any) -> None:
+    """Resolves ``--ckpt_path last`` across run versions and checks the file before anything reads it."""
+    ckpt = config.get("ckpt_path")
+    if ckpt == "last":
+        dirpath = config.get("checkpoint", {}).get("dirpath")
+        root = Path(dirpath) if dirpath else _log_root(config)
+        found = None if root is None else checks.find_last_checkpoint(root, "last*.ckpt" if dirpath else None)
+        if found is None:
+            log.warning("--ckpt_path last: no last.ckpt under %s, so the run starts from scratch", root)
+            return
+        log.info("--ckpt_path last: %s", found)
+        config.ckpt_path = ckpt = str(found)
+    if ckpt and ckpt not in ("best", "hpc") and not re.match(r"^\w+:", str(ckpt)):  # not a URL or registry
+        checks.check_checkpoint_file(ckpt)
+
+
+def _log_root(config: Any) -> Path | None:
+    """Where the runs of this config keep their version dirs: the logger's ``<save_dir>/<name>``."""
+    logger = config.trainer.get("logger")
+    init = getattr(logger, "init_args", None)
+    if init is None or init.get("save_dir") is None:
+        return None
+    return Path(init.save_dir) / (init.get("name") or "lightning_logs")
 
 
 def _reuse_run_dir(config: Any) -> None:
@@ -82,7 +175,7 @@ def trainer_defaults() -> dict[str, Any]:
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": "runs", "name": "capyft", "default_hp_metric": False},
         },
-        "callbacks": [AdapterExport()],
+        "callbacks": [AdapterExport(), LastCheckpoint(), OutOfMemoryAdvice()],
         "log_every_n_steps": 1,
         "use_distributed_sampler": False,  # ChatDataModule shards its own token-aware batches per rank
         "precision": "16-mixed",
@@ -92,8 +185,6 @@ def trainer_defaults() -> dict[str, Any]:
 def main(args: list[str] | None = None) -> CapyCLI | int:
     """Entry point of ``python -m capyft``: LightningCLI's subcommands, plus ``export`` and ``chat`` (argparse)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import sys
-
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] in ("export", "chat"):
         from capyft import export, interact
@@ -104,11 +195,39 @@ def main(args: list[str] | None = None) -> CapyCLI | int:
         ChatDataModule,
         trainer_defaults=trainer_defaults(),
         save_config_callback=SaveFitConfig,
+        parser_class=CapyArgumentParser,
         args=args,
     )
 
 
-def run() -> int:
-    """Console-script entry (``capyft ...``): exit status 0 after a LightningCLI run."""
-    result = main()
+def run(args: list[str] | None = None) -> int:
+    """Console-script entry (``capyft ...``): runs :func:`main` and turns known faults into one line and a status.
+
+    Returns:
+        0 done; 2 a config or data error (named key or row, and the fix); 1 out of memory or non-finite training;
+        143 stopped by SIGTERM after saving ``last.ckpt``. ``CAPYFT_TRACEBACK=1`` shows tracebacks instead.
+    """
+    try:
+        result = main(args)
+    except SIGTERMException:
+        log.warning("stopped by SIGTERM; continue with the same command plus --ckpt_path last")
+        return 143
+    except (torch.cuda.OutOfMemoryError, NonFiniteError, ValueError, FileNotFoundError) as err:
+        if os.environ.get("CAPYFT_TRACEBACK") or not _raised_by_capyft(err):
+            raise
+        if isinstance(err, torch.cuda.OutOfMemoryError):  # OutOfMemoryAdvice has logged what to lower
+            log.error("stopped: %s", str(err).strip().splitlines()[0] if str(err).strip() else "CUDA out of memory")
+            return 1
+        log.error("%s", err)
+        return 1 if isinstance(err, NonFiniteError) else 2
     return result if isinstance(result, int) else 0
+
+
+def _raised_by_capyft(err: BaseException) -> bool:
+    """Whether capyft raised ``err`` on purpose (its message then names the fix), not a library deep down."""
+    if isinstance(err, (checks.ConfigError, NonFiniteError, torch.cuda.OutOfMemoryError)):
+        return True
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).parent == Path(__file__).parent

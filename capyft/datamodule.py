@@ -164,8 +164,15 @@ class ChatDataModule(L.LightningDataModule):
     def _prompt_loader(self, name: str) -> DataLoader:
         if name not in self.splits:
             raise ValueError(f"no {name} conversations: set data.test_size > 0")
+        dataset = PromptDataset(self.splits[name], self.tokenizer, self.hparams.system_prompt)
+        # Longest prompts first, so each generation batch holds similar lengths (little left padding); each rank
+        # takes every world_size-th prompt. The test hook gathers the answers and restores the row order.
+        by_length = sorted(range(len(dataset)), key=lambda i: -len(dataset[i]["input_ids"]))
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         return DataLoader(
-            PromptDataset(self.splits[name], self.tokenizer, self.hparams.system_prompt),
+            dataset,
+            sampler=by_length[rank::replicas],
             batch_size=self.hparams.eval_batch_size,
             collate_fn=PromptCollator(self.pad_id),
             num_workers=self.hparams.num_workers,

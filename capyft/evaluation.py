@@ -164,7 +164,9 @@ def load_scorer(settings: BERTScoreSettings, device: torch.device | str = "cpu")
 
         depth = AutoConfig.from_pretrained(settings.model_type).num_hidden_layers
         if not 1 <= settings.num_layers <= depth:
-            raise ValueError(f"bertscore.num_layers={settings.num_layers}, but {settings.model_type} has {depth} layers")
+            raise ValueError(
+                f"bertscore.num_layers={settings.num_layers}, but {settings.model_type} has {depth} layers"
+            )
     scorer = BERTScorer(
         model_type=settings.model_type,
         num_layers=settings.num_layers,
@@ -277,6 +279,16 @@ def comparison_table(metrics: dict[str, float]) -> Any:
             row += [f"{base:.4f}", f"{value - base:+.4f}"]
         table.add_row(*row)
     return table
+
+
+def print_summary(metrics: dict[str, float], bertscore_hash: str, paths: list[Path]) -> None:
+    """Prints the comparison table, bert-score's hash and where the outputs went."""
+    from rich.console import Console
+
+    console = Console()
+    console.print(comparison_table(metrics))
+    console.print(f"bert-score: {bertscore_hash}")
+    console.print(f"written: {', '.join(map(str, paths))}")
 
 
 def write_outputs(

@@ -21,6 +21,8 @@ from capyft.modeling import (
     build_lora_config,
     build_quantization_config,
     causal_lm_loss_sum,
+    check_fsdp_quant_storage,
+    disable_cpu_weight_packing,
     load_base_model,
     load_tokenizer,
     wrap_with_lora,
@@ -116,16 +118,42 @@ class QLoRAModule(L.LightningModule):
             # fp16 matmuls on CPU are ~10x slower than bf16 and overflow-prone (FACTS); bf16 keeps the range.
             log.info("compute_dtype float16 is GPU-only in practice; using bfloat16 on CPU")
             dtype = "bfloat16"
-        quantization = build_quantization_config(hp.load_in_4bit, hp.quant_type, hp.double_quant, dtype, hp.quant_storage)
+        self._check_fsdp(dtype)
+        quantization = build_quantization_config(
+            hp.load_in_4bit, hp.quant_type, hp.double_quant, dtype, hp.quant_storage
+        )
         self.tokenizer = load_tokenizer(hp.model_name_or_path, hp.trust_remote_code)
+        # `device` is this rank's own device (cuda:<local rank> under DDP): each rank loads its own full copy
         base = load_base_model(
             hp.model_name_or_path, quantization, dtype, hp.attn_implementation, device, hp.trust_remote_code
         )
-        lora = build_lora_config(hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.target_modules, hp.use_dora, hp.use_rslora)
+        lora = build_lora_config(
+            hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.target_modules, hp.use_dora, hp.use_rslora
+        )
         self.model = wrap_with_lora(base, lora, hp.gradient_checkpointing)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
-        log.info("LoRA: %s trainable of %s parameters (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+        share = 100 * trainable / total
+        log.info("LoRA: %s trainable of %s parameters (%.3f%%)", f"{trainable:,}", f"{total:,}", share)
+
+    def _check_fsdp(self, dtype: str) -> None:
+        """Under FSDP: refuses a 4-bit storage dtype FSDP cannot shard, and warns that the path is unmeasured."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self._trainer is None or not isinstance(self.trainer.strategy, FSDPStrategy):
+            return
+        if self.hparams.load_in_4bit:
+            check_fsdp_quant_storage(self.hparams.quant_storage, dtype, self.trainer.precision)
+        if dtype != "float32" and self.trainer.strategy.kwargs.get("auto_wrap_policy") is None:
+            raise ValueError(
+                f"FSDP needs one dtype per unit, and the LoRA weights are float32 in a {dtype} model: set "
+                "--trainer.strategy.auto_wrap_policy=capyft.modeling.fsdp_auto_wrap_policy (a unit per decoder "
+                "layer and per LoRA weight)"
+            )
+        log.warning(
+            "FSDP has not been run with capyft on a GPU yet; check that adapter/final and the checkpoints hold the "
+            "full adapter before relying on them (docs/multi-gpu.md)"
+        )
 
     # ---- checkpoint: adapter weights only, plus RNG state for exact resume ----------------------------------
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -175,12 +203,15 @@ class QLoRAModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        # no gradients: NonFiniteGuard dropped a non-finite step's (see capyft.callbacks); log its norm as NaN
+        norms = [torch.linalg.vector_norm(g.float()) for g in grads] or [torch.tensor(float("nan"))]
+        grad_norm = torch.linalg.vector_norm(torch.stack(norms))
         elapsed = max(time.perf_counter() - self._step_start, 1e-9)
+        loss, rate, grad_norm = self._reduce_step_metrics(self._step_loss, self._step_tokens, elapsed, grad_norm)
         metrics = {
-            "train/loss": self._step_loss * self.trainer.world_size,
+            "train/loss": loss,
             "train/grad_norm": grad_norm,
-            "train/tokens_per_sec": self._step_tokens * self.trainer.world_size / elapsed,
+            "train/tokens_per_sec": rate,
             "train/lr": optimizer.param_groups[0]["lr"],
         }
         if torch.cuda.is_available():
@@ -189,6 +220,26 @@ class QLoRAModule(L.LightningModule):
         bar = {"loss": metrics["train/loss"], "tok/s": metrics["train/tokens_per_sec"]}
         self.log_dict(bar, prog_bar=True, logger=False, batch_size=1)
         self._step_loss, self._step_tokens = 0.0, 0
+
+    def _reduce_step_metrics(
+        self, loss: float, tokens: int, elapsed: float, grad_norm: torch.Tensor
+    ) -> tuple[float, float, float]:
+        """The optimizer step's loss, tokens/s and gradient norm over all ranks, with one small collective.
+
+        Each rank holds its share of the global token-mean (its loss sum over the step's tokens on all ranks), so
+        the sum over ranks is the exact global token-mean loss; throughputs add up too. DDP gradients are already
+        averaged, so every rank holds the same norm; FSDP ranks hold disjoint shards, whose squared norms add up.
+        """
+        if self.trainer.world_size == 1:
+            return loss, tokens / elapsed, float(grad_norm)
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        local = [loss, tokens / elapsed, float(grad_norm) ** 2]
+        total = self.trainer.strategy.reduce(
+            torch.tensor(local, dtype=torch.float64, device=self.device), reduce_op="sum"
+        ).tolist()
+        sharded = isinstance(self.trainer.strategy, FSDPStrategy)
+        return total[0], total[1], math.sqrt(total[2] if sharded else local[2])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss_sum, n_tokens = self(batch)
@@ -202,6 +253,14 @@ class QLoRAModule(L.LightningModule):
 
     # ---- test hook: generation + BERTScore (see capyft.evaluation) -----------------------------------------
     _scorer: Any = None  # bert_score.BERTScorer, loaded on the first test and kept
+    _gen_tokens, _gen_seconds = 0, 0.0  # generated tokens and time spent generating, this rank
+
+    def on_test_start(self) -> None:
+        # No training follows in this process: let bitsandbytes use its fast CPU inference format.
+        disable_cpu_weight_packing(self.model, disable=False)
+
+    def on_predict_start(self) -> None:
+        disable_cpu_weight_packing(self.model, disable=False)
 
     def on_test_epoch_start(self) -> None:
         self._records: list[dict[str, Any]] = []
@@ -220,8 +279,8 @@ class QLoRAModule(L.LightningModule):
         if self.compare_base:
             with self.model.disable_adapter():
                 base = evaluation.generate(self.model, *args, stops, seed)
-        self._gen_seconds = getattr(self, "_gen_seconds", 0.0) + time.perf_counter() - start
-        self._gen_tokens = getattr(self, "_gen_tokens", 0) + sum(g.num_tokens for g in [*tuned, *base] if g)
+        self._gen_seconds += time.perf_counter() - start
+        self._gen_tokens += sum(g.num_tokens for g in [*tuned, *base] if g)
         fields = zip(batch["row"], batch["prompt"], batch["reference"], tuned, base)
         return [
             {"row": row, "prompt": prompt, "reference": reference, "prediction": t.text}
@@ -263,11 +322,7 @@ class QLoRAModule(L.LightningModule):
                     if f"{prefix}f1" in records[0]:
                         f1 = np.array([r[f"{prefix}f1"] for r in records])
                         experiment.add_histogram(f"test/{prefix}bertscore_f1_per_example", f1, step)
-        from rich.console import Console
-
-        console = Console()
-        console.print(evaluation.comparison_table(metrics))
-        console.print(f"bert-score {info['bertscore_hash']}; {predictions} and {summary} written")
+        evaluation.print_summary(metrics, info["bertscore_hash"], [predictions, summary])
         return metrics
 
     # ---- optimizer ------------------------------------------------------------------------------------------
@@ -296,8 +351,13 @@ class QLoRAModule(L.LightningModule):
 
 def _numpy_state_to_plain(state: tuple) -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = state
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
 
 
 def _numpy_state_from_plain(state: dict[str, Any]) -> tuple:

@@ -82,6 +82,8 @@ SPECIAL = {
     "<|eot_id|>": 128009,
 }
 STOP_IDS = [128009, 128001]
+PART: Path | None = None  # a worker's result file, rewritten as partial results come in
+GEN_BATCHES = [200, 64]  # generation batch sizes (--gen-batches)
 # capyft's levers as measured here; "fast" is what the report proposes as defaults
 LEAN = {"attn_implementation": "sdpa_packed", "liger_kernels": True, "offload_embeddings": True, "loss_chunk_size": 256}
 PLAIN = {"attn_implementation": "sdpa", "liger_kernels": False, "offload_embeddings": False, "loss_chunk_size": 1024}
@@ -257,8 +259,9 @@ class Steps:
         self.trained.append(trained_tokens(labels))
         self.fed.append(int(input_ids.numel()))
 
-    def summary(self, warmup: int) -> dict[str, Any]:
-        times, trained, fed = self.times[warmup:], self.trained[warmup:], self.fed[warmup:]
+    def summary(self, warmup: int, stop: int | None = None) -> dict[str, Any]:
+        window = slice(warmup, stop)
+        times, trained, fed = self.times[window], self.trained[window], self.fed[window]
         if not times:
             return {"error": f"no measured steps ({len(self.times)} steps, {warmup} warm-up)"}
         out = {
@@ -272,6 +275,12 @@ class Steps:
         }
         out.update(memory(self.device))
         return out
+
+
+def save_partial(info: dict[str, Any]) -> None:
+    """Writes what a worker has so far, so a stack stopped at its time limit still reports its finished parts."""
+    if PART is not None:
+        PART.write_text(json.dumps({**info, "partial": True}, indent=1, default=str))
 
 
 def memory(device: torch.device) -> dict[str, float]:
@@ -347,7 +356,9 @@ def run_capyft(
     steps: int,
     warmup: int,
     lora_dropout: float = 0.05,
-    after: Any = None,
+    profile: Path | None = None,
+    profile_steps: int = 2,
+    check: bool = False,
 ) -> dict[str, Any]:
     """capyft's training path: ``QLoRAModule`` + ``ChatDataModule`` under a Lightning ``Trainer``."""
     import lightning as L
@@ -389,19 +400,29 @@ def run_capyft(
     datamodule.splits = {"train": Dataset.from_list([{**r, "row": i} for i, r in enumerate(rows)])}
 
     timer = Steps(device)
+    profiler = Profiler(device, profile) if profile else None
+    total = steps + (profile_steps if profiler else 0)  # profiled steps come last and are not timed
 
     class Timer(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if profiler and batch_idx == steps:
+                profiler.start()
             timer.begin()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             timer.end(batch["labels"], batch["input_ids"])
+            if profiler and batch_idx == total - 1:
+                info["profile"] = profiler.stop(profile_steps)
+
+        def on_train_end(self, trainer, pl_module):
+            if check:  # Lightning moves the model back to the CPU after this hook
+                capyft_check(pl_module, info, pl_module.hparams.loss_chunk_size)
 
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
         precision=precision,
-        max_steps=steps,
+        max_steps=total,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -412,10 +433,8 @@ def run_capyft(
         callbacks=[Timer()],
     )
     trainer.fit(module, datamodule=datamodule)
-    info.update(timer.summary(warmup))
+    info.update(timer.summary(warmup, steps))
     info["step_s"] = [round(t, 4) for t in timer.times]
-    if after is not None:
-        after(module, datamodule, info)
     del trainer, module, datamodule
     return info
 
@@ -433,6 +452,8 @@ def run_trl(
     padding_free: bool = False,
     packing: bool = False,
     liger: bool = False,
+    profile: Path | None = None,
+    profile_steps: int = 2,
 ) -> dict[str, Any]:
     """TRL's ``SFTTrainer``: its defaults plus the reference settings (4-bit model, LoRA, paged AdamW 8-bit)."""
     import trl
@@ -451,8 +472,9 @@ def run_trl(
     settings = {
         "output_dir": tempfile.mkdtemp(prefix="trl-"),
         "per_device_train_batch_size": batch_size,
-        "max_steps": steps,
-        "max_length": 2048,
+        "max_steps": steps + (profile_steps if profile else 0),
+        # the data is at most 2048 tokens; TRL refuses max_length with padding_free unless it packs
+        "max_length": None if padding_free and not packing else 2048,
         "learning_rate": 2e-4,
         "optim": "paged_adamw_8bit" if device.type == "cuda" else "adamw_torch",
         "save_strategy": "no",
@@ -474,15 +496,20 @@ def run_trl(
         r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", bias="none", task_type="CAUSAL_LM"
     )
     timer = Steps(device)
+    profiler = Profiler(device, profile) if profile else None
     fed: list[tuple[torch.Tensor, torch.Tensor]] = []  # batches in the order the collator made them
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
+            if profiler and len(timer.times) == steps:
+                profiler.start()
             timer.begin()
 
         def on_step_end(self, args, state, control, **kwargs):
             labels, input_ids = fed.pop(0)
             timer.end(labels, input_ids)
+            if profiler and len(timer.times) == steps + profile_steps:
+                info["profile"] = profiler.stop(profile_steps)
 
     trainer = trl.SFTTrainer(
         model=model,
@@ -501,7 +528,7 @@ def run_trl(
 
     trainer.data_collator = counting
     trainer.train()
-    info.update(timer.summary(warmup))
+    info.update(timer.summary(warmup, steps))
     info["step_s"] = [round(t, 4) for t in timer.times]
     del trainer, model
     return info
@@ -562,57 +589,50 @@ def run_plain(
     return info
 
 
-# ---- what else runs on the capyft model: profile, packing check ------------------------------------------------
-def profile_and_check(module: Any, datamodule: Any, info: dict[str, Any], out: Path, chunk: int) -> None:
-    """After a capyft run: profiles two more steps and checks packed == alone on the real shape."""
-    from capyft.modeling import causal_lm_loss_sum
+# ---- profiles and the packing check -----------------------------------------------------------------------------
+class Profiler:
+    """torch.profiler around a few real steps; writes a kernel-time summary and op tables to ``path``."""
 
-    model, device = module.model, module.device
-    loader = iter(datamodule.train_dataloader())
-    batches = [{k: v.to(device) for k, v in next(loader).items()} for _ in range(3)]
-    dtype = torch.float16 if module.hparams.compute_dtype == "float16" else torch.bfloat16
-    autocast = torch.autocast(device.type, dtype=dtype) if device.type == "cuda" else contextlib.nullcontext()
+    def __init__(self, device: torch.device, path: Path) -> None:
+        self.device, self.path = device, path
+        self.prof: Any = None
+        self.summary: dict[str, Any] = {}
+        self._start = 0.0
+        self.steps = 0
 
-    def step(batch: dict[str, torch.Tensor]) -> None:
-        with autocast:
-            loss_sum, n_tokens = causal_lm_loss_sum(model, batch, chunk)
-        (loss_sum / n_tokens.clamp(min=1)).backward()
+    def start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
 
-    model.train()
-    step(batches[0])  # warm
-    try:
-        info["profile"] = profile_steps(step, batches[1:], device, out / "profile.txt")
-    except Exception as err:  # a profiler failure must not cost the rest of the run
-        info["profile_error"] = repr(err)
-    model.zero_grad(set_to_none=True)
-    try:
-        info["packing_check"] = packing_check(model, device, autocast, chunk)
-    except Exception as err:
-        info["packing_check_error"] = repr(err)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        Steps(self.device).sync()
+        self.prof = profile(activities=activities)
+        self.prof.start()
+        self._start = time.perf_counter()
+
+    def stop(self, steps: int) -> dict[str, Any]:
+        Steps(self.device).sync()
+        wall = time.perf_counter() - self._start
+        self.prof.stop()
+        try:
+            self.summary = summarize_profile(self.prof, wall, steps, self.device, self.path)
+        except Exception as err:  # a profile must not cost the measurements
+            self.summary = {"error": repr(err)}
+        return self.summary
 
 
-def profile_steps(step: Any, batches: list[dict[str, torch.Tensor]], device: torch.device, path: Path) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    Steps(device).sync()
-    start = time.perf_counter()
-    with profile(activities=activities) as prof:
-        for batch in batches:
-            step(batch)
-        Steps(device).sync()
-    wall = time.perf_counter() - start
+def summarize_profile(prof: Any, wall: float, steps: int, device: torch.device, path: Path) -> dict[str, Any]:
     kernels: dict[str, float] = {}
     for event in prof.events():
         if getattr(event, "device_type", None) is not None and str(event.device_type).endswith("CUDA"):
-            kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time / 1e6  # us -> s
+            kernels[event.name] = kernels.get(event.name, 0.0) + event.time_range.elapsed_us() / 1e6
     busy = sum(kernels.values())
     categories = {
         "matmul (cuBLAS/CUTLASS)": ("gemm", "cutlass", "nvjet", "sm90_", "xmma", "splitkreduce"),
         "bitsandbytes dequantize": ("dequant", "kdequant"),
-        "attention": ("flash", "fmha", "attention", "efficient"),
+        "attention": ("flash", "fmha", "attention", "efficient", "cudnn"),
         "triton (liger)": ("triton", "_rms", "swiglu", "rope", "liger"),
         "cross-entropy / softmax": ("softmax", "nll", "cross_entropy", "logsumexp"),
+        "optimizer (8-bit paged)": ("optimizer", "adam"),
         "copies / casts": ("copy", "memcpy", "memset", "cat", "to_copy"),
     }
     split = dict.fromkeys([*categories, "other elementwise / reductions"], 0.0)
@@ -621,20 +641,32 @@ def profile_steps(step: Any, batches: list[dict[str, torch.Tensor]], device: tor
         label = next((c for c, keys in categories.items() if any(k in lower for k in keys)), None)
         split[label or "other elementwise / reductions"] += seconds
     summary = {
-        "steps": len(batches),
+        "steps": steps,
         "wall_s": wall,
         "gpu_busy_s": busy,
         "gpu_busy_fraction": busy / wall if wall else 0.0,
         "kernel_time_by_category_s": {k: round(v, 4) for k, v in sorted(split.items(), key=lambda kv: -kv[1])},
-        "top_kernels_s": dict(sorted(((k[:120], round(v, 4)) for k, v in kernels.items()), key=lambda kv: -kv[1])[:15]),
+        "top_kernels_s": dict(sorted(((k[:120], round(v, 4)) for k, v in kernels.items()), key=lambda kv: -kv[1])[:20]),
     }
-    sort = "device_time_total" if device.type == "cuda" else "cpu_time_total"
-    try:
-        table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90)
-    except Exception:  # older torch names it cuda_time_total
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
-    path.write_text(json.dumps(summary, indent=2) + "\n\n" + table)
+    tables = []
+    for sort in ("device_time_total", "self_cpu_time_total") if device.type == "cuda" else ("self_cpu_time_total",):
+        try:
+            tables.append(f"sorted by {sort}\n" + prof.key_averages().table(sort_by=sort, row_limit=45))
+        except Exception as err:  # a table is a nicety; the summary above is what the report uses
+            tables.append(f"sorted by {sort}: {err!r}")
+    path.write_text(json.dumps(summary, indent=2) + "\n\n" + "\n\n".join(tables))
     return summary
+
+
+def capyft_check(module: Any, info: dict[str, Any], chunk: int) -> None:
+    """At the end of training, while the model is still on the GPU: packed == alone on the real shape."""
+    dtype = torch.float16 if module.hparams.compute_dtype == "float16" else torch.bfloat16
+    device = module.device
+    autocast = torch.autocast(device.type, dtype=dtype) if device.type == "cuda" else contextlib.nullcontext()
+    try:
+        info["packing_check"] = packing_check(module.model, device, autocast, chunk)
+    except Exception as err:
+        info["packing_check_error"] = repr(err)
 
 
 @torch.no_grad()
@@ -696,16 +728,21 @@ def run_memory(name: str, device: torch.device, tiny: bool, *, precision: str, l
             "trained_tokens_per_s": result.get("trained_tokens_per_s"),
             "allocated_after_build_gib": result.get("allocated_after_build_gib"),
         }
+        save_partial(info)
     return info
 
 
 # ---- generation -------------------------------------------------------------------------------------------------
-def run_generation(name: str, device: torch.device, tiny: bool, *, batch_sizes: list[int], levers: dict) -> dict:
-    """200 test prompts (~300 tokens), greedy, 100 new tokens, through the LoRA-wrapped 4-bit model."""
+def run_generation(name: str, device: torch.device, tiny: bool, *, levers: dict, profile: Path | None = None) -> dict:
+    """200 test prompts (~300 tokens), greedy, 100 new tokens, through the LoRA-wrapped 4-bit model.
+
+    Random weights never emit end-of-turn, so every answer runs to 100 tokens: the worst case.
+    """
     from capyft import modeling
     from capyft.datamodule import PromptCollator
 
-    info: dict[str, Any] = {"stack": name, "prompts": 200, "max_new_tokens": 100, "levers": levers}
+    count, new_tokens = (16, 8) if tiny else (200, 100)
+    info: dict[str, Any] = {"stack": name, "prompts": count, "max_new_tokens": new_tokens, "levers": levers}
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     start = time.perf_counter()
     model = build_random_4bit_model(llama_config(tiny), bnb_config(dtype), device, dtype, "sdpa")
@@ -716,7 +753,7 @@ def run_generation(name: str, device: torch.device, tiny: bool, *, batch_sizes: 
     model = modeling.wrap_with_lora(model, lora, gradient_checkpointing=True)
     info["build_s"] = time.perf_counter() - start
     tokenizer = bench_tokenizer()
-    lengths = lognormal_lengths(200, 300, 0.5, 20, 1024, seed=11)
+    lengths = lognormal_lengths(count, 300, 0.5, 20, 1024, seed=11)
     generator = torch.Generator().manual_seed(12)
     prompts = [
         {
@@ -727,20 +764,21 @@ def run_generation(name: str, device: torch.device, tiny: bool, *, batch_sizes: 
         }
         for i, n in enumerate(lengths)
     ]
+    prompts.sort(key=lambda p: -len(p["input_ids"]))  # longest first, as the test loader batches them
     info["prompt_tokens_median"] = statistics.median(lengths)
     generate, how = generator_fn(tokenizer)
     info["generate"] = how
     collate = PromptCollator(SPECIAL["<|finetune_right_pad_id|>"])
     warm = collate(prompts[:2])
     generate(model, warm["input_ids"].to(device), warm["attention_mask"].to(device), 4)
-    for batch_size in batch_sizes:
+    for batch_size in GEN_BATCHES:
         fresh_memory(device)
         timer = Steps(device)
         timer.begin()
         produced = 0
         for start_row in range(0, len(prompts), batch_size):
             batch = collate(prompts[start_row : start_row + batch_size])
-            produced += generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), 100)
+            produced += generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), new_tokens)
         timer.sync()
         seconds = time.perf_counter() - timer._start
         info[f"batch_{batch_size}"] = {
@@ -750,7 +788,102 @@ def run_generation(name: str, device: torch.device, tiny: bool, *, batch_sizes: 
             **memory(device),
         }
         print(f"[generate] batch {batch_size}: {seconds:.1f} s, {produced / seconds:.0f} tokens/s", flush=True)
+        save_partial(info)
+    if profile:  # one batch of 64 prompts, 8 new tokens: prefill plus 7 decode steps
+        batch = collate(prompts[:64])
+        profiler = Profiler(device, profile)
+        profiler.start()
+        generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), 8)
+        info["profile"] = profiler.stop(1)
     del model
+    return info
+
+
+def run_micro(name: str, device: torch.device, tiny: bool) -> dict[str, Any]:
+    """Kernel timings behind the step times: 4-bit dequantize and matmul, and attention over a packed row."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    info: dict[str, Any] = {"stack": name}
+    if device.type != "cuda":
+        return {**info, "skipped": "needs CUDA"}
+
+    def seconds(fn: Any, reps: int = 10) -> float:
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / reps / 1e3
+
+    bf16 = torch.bfloat16
+    weight = torch.randn(14336, 4096, dtype=bf16, device=device) * 0.02  # one MLP matrix of the 8B model
+    packed, state = bnbf.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+    t = seconds(lambda: bnbf.dequantize_4bit(packed, state))
+    info["dequantize_4bit_14336x4096_ms"] = t * 1e3
+    info["dequantize_4bit_GBps"] = (weight.numel() * 2 + packed.numel()) / t / 1e9
+    x = torch.randn(4096, 4096, dtype=bf16, device=device, requires_grad=True)
+
+    def fwd_bwd(fn: Any) -> Any:
+        def run() -> None:
+            fn().sum().backward()
+            x.grad = None
+
+        return run
+
+    info["linear_bf16_fwd_bwd_4096tok_ms"] = seconds(fwd_bwd(lambda: torch.nn.functional.linear(x, weight))) * 1e3
+    info["matmul_4bit_fwd_bwd_4096tok_ms"] = (
+        seconds(fwd_bwd(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state))) * 1e3
+    )
+    with torch.no_grad():
+        for rows in (1, 64, 200):
+            x_decode = torch.randn(rows, 4096, dtype=bf16, device=device)
+            t = seconds(lambda: bnb.matmul_4bit(x_decode, packed.t(), quant_state=state))  # noqa: B023
+            info[f"matmul_4bit_decode_{rows}rows_ms"] = t * 1e3
+
+    # attention over a packed row of 4 conversations (1024 tokens each), laid out as transformers lays it out
+    def qkv(heads: int) -> torch.Tensor:
+        return torch.randn(1, 4096, heads, 128, dtype=bf16, device=device).transpose(1, 2).requires_grad_()
+
+    q, k, v = qkv(32), qkv(8), qkv(8)
+    bounds = [0, 1024, 2048, 3072, 4096]
+    same = torch.arange(4096, device=device) // 1024
+    block = (same[:, None] == same[None, :]) & torch.ones(4096, 4096, dtype=torch.bool, device=device).tril()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    variants = {
+        "one causal row, gqa": lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True),
+        "per conversation, gqa (sdpa_packed)": lambda: torch.cat(
+            [
+                sdpa(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, enable_gqa=True)
+                for a, b in zip(bounds[:-1], bounds[1:])
+            ],
+            dim=2,
+        ),
+        "dense block mask, repeat_kv (transformers sdpa)": lambda: sdpa(
+            q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=block[None, None]
+        ),
+    }
+    attention = {}
+    for label, fn in variants.items():
+
+        def run(fn: Any = fn) -> None:
+            fn().sum().backward()
+            q.grad = k.grad = v.grad = None
+
+        entry: dict[str, Any] = {"fwd_bwd_ms": seconds(run) * 1e3}
+        for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+            try:
+                with sdpa_kernel([getattr(SDPBackend, backend)]):
+                    run()
+                entry[backend] = "accepted"
+            except Exception as err:
+                entry[backend] = f"refused: {str(err)[:100]}"
+        attention[label] = entry
+    info["attention_packed_row_4x1024"] = attention
     return info
 
 
@@ -794,25 +927,48 @@ STACKS = {
         {"precision": "bf16-mixed", "batch_size": 4, "padding_free": True, "levers": LEAN, "profile": True},
     ),
     "trl-defaults": ("trl", {"batch_size": 4}),
-    "trl-padfree-liger": ("trl", {"batch_size": 4, "padding_free": True, "liger": True}),
+    "trl-padfree-liger": ("trl", {"batch_size": 4, "padding_free": True, "liger": True, "profile": True}),
+    "micro": ("micro", {}),
     "memory-fp16-lean": ("memory", {"precision": "16-mixed", "levers": LEAN}),
-    "generate": ("generate", {"batch_sizes": [64, 200, 32], "levers": LEAN}),
+    "generate": ("generate", {"levers": LEAN, "profile": True}),
     "capyft-fp16-fast": ("capyft", {"precision": "16-mixed", "batch_size": 4, "padding_free": True, "levers": LEAN}),
     "trl-packing-liger": ("trl", {"batch_size": 2, "packing": True, "liger": True}),
-    "memory-bf16-lean": ("memory", {"precision": "bf16-mixed", "levers": LEAN}),
     "capyft-bf16-packed": (
         "capyft",
         {"precision": "bf16-mixed", "batch_size": 4, "padding_free": True, "levers": PLAIN},
     ),
+    "capyft-bf16-fast-sdpa": (
+        "capyft",
+        {
+            "precision": "bf16-mixed",
+            "batch_size": 4,
+            "padding_free": True,
+            "levers": {**LEAN, "attn_implementation": "sdpa"},
+        },
+    ),
+    "capyft-bf16-fast-keepemb": (
+        "capyft",
+        {
+            "precision": "bf16-mixed",
+            "batch_size": 4,
+            "padding_free": True,
+            "levers": {**LEAN, "offload_embeddings": False},
+        },
+    ),
+    "memory-bf16-lean": ("memory", {"precision": "bf16-mixed", "levers": LEAN}),
     "plain-loop": ("plain", {"batch_size": 4}),
     "memory-bf16-plain": ("memory", {"precision": "bf16-mixed", "levers": PLAIN}),
+    "capyft-bf16-fast-nodropout": (
+        "capyft",
+        {"precision": "bf16-mixed", "batch_size": 4, "padding_free": True, "levers": LEAN, "lora_dropout": 0.0},
+    ),
     "capyft-bf16-padded": (
         "capyft",
         {"precision": "bf16-mixed", "batch_size": 4, "padding_free": False, "levers": PLAIN},
     ),
-    "capyft-bf16-fast-nodropout": (
+    "capyft-bf16-fast-b8": (
         "capyft",
-        {"precision": "bf16-mixed", "batch_size": 4, "padding_free": True, "levers": LEAN, "lora_dropout": 0.0},
+        {"precision": "bf16-mixed", "batch_size": 8, "padding_free": True, "levers": LEAN},
     ),
 }
 
@@ -823,21 +979,22 @@ def run_stack(name: str, out: Path, device: torch.device, tiny: bool) -> dict[st
     rows = make_conversations(
         160 if not tiny else 40, seed=0, **({"median": 60, "low": 16, "high": 128} if tiny else {})
     )
+    train = TRAIN if not tiny else {"steps": 3, "warmup": 1}
     torch.manual_seed(0)
     fresh_memory(device)
+    profile = out / f"profile-{name}.txt" if kwargs.pop("profile", False) else None
     if runner == "capyft":
-        profile = kwargs.pop("profile", False)
-        chunk = kwargs["levers"]["loss_chunk_size"]
-        after = (lambda m, d, i: profile_and_check(m, d, i, out, chunk)) if profile else None
-        return run_capyft(name, rows, device, tiny, **kwargs, **TRAIN, after=after)
+        return run_capyft(name, rows, device, tiny, **kwargs, **train, profile=profile, check=profile is not None)
     if runner == "trl":
-        return run_trl(name, rows, device, tiny, **kwargs, **TRAIN)
+        return run_trl(name, rows, device, tiny, **kwargs, **train, profile=profile)
+    if runner == "micro":
+        return run_micro(name, device, tiny)
     if runner == "plain":
-        return run_plain(name, rows, device, tiny, **kwargs, **TRAIN)
+        return run_plain(name, rows, device, tiny, **kwargs, **train)
     if runner == "memory":
         return run_memory(name, device, tiny, **kwargs)
     if runner == "generate":
-        return run_generation(name, device, tiny, **kwargs)
+        return run_generation(name, device, tiny, **kwargs, profile=profile)
     raise ValueError(runner)
 
 
@@ -905,11 +1062,14 @@ def drive(args: argparse.Namespace) -> None:
             str(part),
             "--device",
             args.device,
+            "--gen-batches",
+            args.gen_batches,
         ] + (["--tiny"] if args.tiny else [])
         print(f"\n=== {name} ({left:.0f} s left)", flush=True)
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(command, timeout=min(left, args.stack_timeout))
+            limit = args.stack_timeout * (1.5 if name == "generate" else 1.0)
+            proc = subprocess.run(command, timeout=min(left, limit))
             status = f"exit {proc.returncode}"
         except subprocess.TimeoutExpired:
             status = "timed out"
@@ -922,6 +1082,9 @@ def drive(args: argparse.Namespace) -> None:
 
 
 def worker(args: argparse.Namespace) -> None:
+    global PART, GEN_BATCHES
+    PART = Path(args.part)
+    GEN_BATCHES = [int(b) for b in args.gen_batches.split(",")]
     device = torch.device(args.device)
     try:
         result = run_stack(args.worker, Path(args.out), device, args.tiny)
@@ -1000,14 +1163,20 @@ def markdown(report: dict[str, Any]) -> str:
                 )
         if generation.get("error") or generation.get("skipped"):
             lines.append(f"| {generation.get('error') or generation.get('skipped')} | | | |")
-    profile = stacks.get("capyft-bf16-fast", {}).get("profile")
-    if profile:
+    for name, r in stacks.items():
+        profile = r.get("profile")
+        if not profile or "wall_s" not in profile:
+            continue
         lines += [
             "",
-            f"Profile of capyft-bf16-fast ({profile['steps']} steps, no optimizer): wall "
-            f"{profile['wall_s']:.2f} s, GPU busy {profile['gpu_busy_fraction']:.0%}.",
+            f"Profile of {name} ({profile['steps']} step(s)): wall {profile['wall_s']:.2f} s, GPU kernels "
+            f"{profile['gpu_busy_s']:.2f} s ({profile['gpu_busy_fraction']:.0%} busy).",
         ]
-        lines += [f"- {k}: {v:.3f} s" for k, v in profile["kernel_time_by_category_s"].items()]
+        lines += [f"- {k}: {v:.3f} s" for k, v in profile["kernel_time_by_category_s"].items() if v > 0]
+    micro = stacks.get("micro", {})
+    if micro and not micro.get("error"):
+        lines += ["", "Kernel timings (micro):"]
+        lines += [f"- {k}: {v}" for k, v in micro.items() if k not in ("stack", "process_s")]
     check = stacks.get("capyft-bf16-fast", {}).get("packing_check")
     if check:
         lines += [
@@ -1032,6 +1201,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=540.0, help="seconds for all stacks (skips the rest)")
     parser.add_argument("--stack-timeout", type=float, default=150.0, help="seconds per stack process")
     parser.add_argument("--min-stack-s", type=float, default=25.0, help="start no stack with less time left")
+    parser.add_argument("--gen-batches", default="200,64", help="generation batch sizes, comma-separated")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--part", help=argparse.SUPPRESS)
     args = parser.parse_args()

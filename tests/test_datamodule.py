@@ -81,7 +81,10 @@ def test_prompt_loader_left_pads_in_order(smollm2_data, sample_rows):
     smollm2_data.setup("test")
     batches = list(smollm2_data.test_dataloader())
     assert [len(b["row"]) for b in batches] == [3, 1]
-    assert [row for b in batches for row in b["row"]] == [12, 13, 14, 15]
+    # longest prompts first (little left padding); the test hook restores the row order when it gathers answers
+    assert sorted(row for b in batches for row in b["row"]) == [12, 13, 14, 15]
+    lengths = [int(n) for b in batches for n in b["attention_mask"].sum(1)]
+    assert lengths == sorted(lengths, reverse=True)
     for batch in batches:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         assert ids.shape == mask.shape and mask[:, -1].all()
@@ -157,5 +160,5 @@ def test_max_length_does_not_drop_test_rows(llama3_tokenizer):
     )
     data.setup("test")
     batch = next(iter(data.test_dataloader()))
-    assert batch["row"] == [0, 1, 2, 3]
-    assert batch["attention_mask"][0].sum() > 512  # the prompt is whole
+    assert sorted(batch["row"]) == [0, 1, 2, 3]
+    assert batch["attention_mask"][batch["row"].index(0)].sum() > 512  # the prompt is whole

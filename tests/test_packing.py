@@ -208,6 +208,24 @@ def test_offloaded_embedding_matches_and_stays_on_cpu():
     assert offload_input_embeddings(tiny_llama()) is False
 
 
+def test_offloaded_embedding_generates_trains_and_saves_like_the_table(tmp_path):
+    """Swapped in by hand (on a GPU, offload_input_embeddings does it): generate, train and save still work."""
+    prompt = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(4))
+    model = tiny_llama()
+    with torch.no_grad():
+        before = model.generate(input_ids=prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        model.set_input_embeddings(OffloadedEmbedding(model.get_input_embeddings()))
+        after = model.generate(input_ids=prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(before, after)
+    model = wrap_with_lora(model, build_lora_config(r=4, alpha=8, dropout=0.0), gradient_checkpointing=True)
+    loss_sum, _ = causal_lm_loss_sum(model, ChatCollator(pad_id=0, padding_free=True)(conversations()), 0)
+    loss_sum.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "layers.0." in n and "lora_B" in n]  # A: 0 at B = 0
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)  # through checkpointed layer 0 too
+    model.save_pretrained(str(tmp_path))
+    assert (tmp_path / "adapter_model.safetensors").exists()
+
+
 # ---- the GPU benchmark's building blocks, checked on CPU ---------------------------------------------------------
 def load_bench():
     spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "scripts" / "bench_gpu.py")
