@@ -206,13 +206,14 @@ class NonFiniteGuard(L.Callback):
             log.warning("step %d: non-finite loss or gradient; step skipped", trainer.global_step)
         pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False, batch_size=1)
         if self.max_nonfinite_steps and self.in_a_row >= self.max_nonfinite_steps:
-            last = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none saved yet"
+            last = getattr(trainer.checkpoint_callback, "last_model_path", "")
+            kept = f"the last checkpoint ({last}) holds finite ones" if last else "no checkpoint was saved yet"
             first = trainer.global_step - self.in_a_row + 1
             raise NonFiniteError(
                 f"{self.in_a_row} optimizer steps in a row (steps {first}-{trainer.global_step}) had a non-finite "
-                f"loss or gradient, so training stopped; none of them changed the weights, and the last checkpoint "
-                f"({last}) holds finite ones. Lower model.learning_rate, use trainer.precision bf16-mixed instead of "
-                "16-mixed, check the data of these steps, or raise guard.max_nonfinite_steps"
+                f"loss or gradient, so training stopped; none of them changed the weights, and {kept}. Lower "
+                "model.learning_rate, use trainer.precision bf16-mixed instead of 16-mixed, check the data of these "
+                "steps, or raise guard.max_nonfinite_steps"
             )
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:

@@ -276,6 +276,8 @@ class StepBatchSampler:
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self.skip = 0  # micro-batches of the current epoch already trained (set when resuming)
+        # Lightning calls set_epoch on ``dataloader.batch_sampler.sampler``, not on the batch sampler itself.
+        self.sampler = self
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every epoch."""

@@ -133,8 +133,10 @@ class ChatDataModule(L.LightningDataModule):
             )
         if trainer is not None and trainer.fit_loop.restarting:
             # Resuming mid-epoch: the order is a function of (seed, epoch), so skip what was already trained.
+            # `processed`, not `completed`: a checkpoint written at the end of a training batch (every_n_train_steps)
+            # has run that batch's optimizer step but not yet counted it as completed.
             sampler.epoch = trainer.current_epoch
-            sampler.skip = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            sampler.skip = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return DataLoader(
             TaggedDataset(split),
             batch_sampler=sampler,

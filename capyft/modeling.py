@@ -5,6 +5,7 @@ Pure functions over transformers / peft / bitsandbytes; no Lightning.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from typing import Any
@@ -193,26 +194,46 @@ def packed_sdpa_attention(
 
     bounds = kwargs.get("cu_seq_lens_q")
     single_row = query.shape[0] == 1 and query.shape[2] == key.shape[2]
-    if bounds is None or not single_row or not getattr(module, "is_causal", True):
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
-        )
-    bounds = getattr(bounds, "capyft_bounds", None) or bounds.tolist()  # python ints: no device sync per layer
-    groups = getattr(module, "num_key_value_groups", 1)
-    gqa = {"enable_gqa": True} if groups > 1 else {}
-    outputs = [
-        F.scaled_dot_product_attention(
-            query[:, :, start:end],
-            key[:, :, start:end],
-            value[:, :, start:end],
-            dropout_p=dropout,
-            is_causal=True,
-            scale=scaling,
-            **gqa,
-        )
-        for start, end in zip(bounds[:-1], bounds[1:])
-    ]
+    with _without_cudnn_attention(query):
+        if bounds is None or not single_row or not getattr(module, "is_causal", True):
+            return sdpa_attention_forward(
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=dropout,
+                scaling=scaling,
+                is_causal=is_causal,
+                **kwargs,
+            )
+        bounds = getattr(bounds, "capyft_bounds", None) or bounds.tolist()  # python ints: no device sync per layer
+        groups = getattr(module, "num_key_value_groups", 1)
+        gqa = {"enable_gqa": True} if groups > 1 else {}
+        outputs = [
+            F.scaled_dot_product_attention(
+                query[:, :, start:end],
+                key[:, :, start:end],
+                value[:, :, start:end],
+                dropout_p=dropout,
+                is_causal=True,
+                scale=scaling,
+                **gqa,
+            )
+            for start, end in zip(bounds[:-1], bounds[1:])
+        ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _without_cudnn_attention(query: torch.Tensor) -> Any:
+    """Keeps SDPA off cuDNN on CUDA: torch 2.11 prefers it on Hopper, and it builds a new plan for every new
+    sequence length (~2 ms of CPU per call, measured on an H200), which packed rows and growing KV caches hit at
+    every call. Flash and memory-efficient attention need no plan."""
+    if not query.is_cuda:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def packed_sequence_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:

@@ -83,7 +83,7 @@ SPECIAL = {
 }
 STOP_IDS = [128009, 128001]
 PART: Path | None = None  # a worker's result file, rewritten as partial results come in
-GEN_BATCHES = [200, 64]  # generation batch sizes (--gen-batches)
+GEN_BATCHES = ["200", "64"]  # generation batch sizes (--gen-batches; "64a": under autocast)
 # capyft's levers as measured here; "fast" is what the report proposes as defaults
 LEAN = {"attn_implementation": "sdpa_packed", "liger_kernels": True, "offload_embeddings": True, "loss_chunk_size": 256}
 PLAIN = {"attn_implementation": "sdpa", "liger_kernels": False, "offload_embeddings": False, "loss_chunk_size": 1024}
@@ -771,23 +771,29 @@ def run_generation(name: str, device: torch.device, tiny: bool, *, levers: dict,
     collate = PromptCollator(SPECIAL["<|finetune_right_pad_id|>"])
     warm = collate(prompts[:2])
     generate(model, warm["input_ids"].to(device), warm["attention_mask"].to(device), 4)
-    for batch_size in GEN_BATCHES:
+    for entry in GEN_BATCHES:
+        # "64a": batch 64 under autocast (LoRA matmuls in 16 bits instead of fp32 casts), as training runs
+        batch_size, autocast = int(entry.rstrip("a")), entry.endswith("a")
+        context = torch.autocast(device.type, dtype=dtype) if autocast else contextlib.nullcontext()
         fresh_memory(device)
         timer = Steps(device)
         timer.begin()
         produced = 0
         for start_row in range(0, len(prompts), batch_size):
             batch = collate(prompts[start_row : start_row + batch_size])
-            produced += generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), new_tokens)
+            with context:
+                produced += generate(
+                    model, batch["input_ids"].to(device), batch["attention_mask"].to(device), new_tokens
+                )
         timer.sync()
         seconds = time.perf_counter() - timer._start
-        info[f"batch_{batch_size}"] = {
+        info[f"batch_{entry}"] = {
             "seconds": seconds,
             "generated_tokens": produced,
             "tokens_per_s": produced / seconds,
             **memory(device),
         }
-        print(f"[generate] batch {batch_size}: {seconds:.1f} s, {produced / seconds:.0f} tokens/s", flush=True)
+        print(f"[generate] batch {entry}: {seconds:.1f} s, {produced / seconds:.0f} tokens/s", flush=True)
         save_partial(info)
     if profile:  # one batch of 64 prompts, 8 new tokens: prefill plus 7 decode steps
         batch = collate(prompts[:64])
@@ -1084,7 +1090,7 @@ def drive(args: argparse.Namespace) -> None:
 def worker(args: argparse.Namespace) -> None:
     global PART, GEN_BATCHES
     PART = Path(args.part)
-    GEN_BATCHES = [int(b) for b in args.gen_batches.split(",")]
+    GEN_BATCHES = args.gen_batches.split(",")
     device = torch.device(args.device)
     try:
         result = run_stack(args.worker, Path(args.out), device, args.tiny)

@@ -275,7 +275,8 @@ def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path, tiny_model, toy_data):
     assert sorted(scalars(Path(resumed.trainer.log_dir), "train/loss")) == [saved]
 
 
-EXACT = ["--model.lora_dropout=0.2", "--trainer.max_steps=5"]  # dropout: the RNG state must resume too
+# dropout: the RNG state must resume too; validation after step 3 (tiny.yaml: val_check_interval 3)
+EXACT = ["--model.lora_dropout=0.2", "--trainer.max_steps=5", WITH_VAL]
 
 
 @pytest.fixture(scope="module")
@@ -284,35 +285,28 @@ def uninterrupted(tmp_path_factory, tiny_model, toy_data) -> dict[int, float]:
     return scalars(Path(cli.trainer.log_dir), "train/loss")
 
 
-def test_sigterm_after_the_batch_hooks_still_saves_and_resumes_exactly(
-    tmp_path, tiny_model, toy_data, uninterrupted, monkeypatch
-):
-    # the signal lands after LastCheckpoint's batch-end hook: Lightning stops the run, and on_exception saves
+@pytest.mark.parametrize("step", [2, 3], ids=["then-stop", "then-validation"])
+def test_sigterm_saves_and_resumes_exactly(tmp_path, tiny_model, toy_data, uninterrupted, monkeypatch, step):
+    # after step 2 Lightning stops the run at the batch end; after step 3 a validation would run first
     def on_train_batch_end(self, *args):
-        if self.trainer.global_step == 2:
+        if self.trainer.global_step == step:
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(QLoRAModule, "on_train_batch_end", on_train_batch_end, raising=False)
     assert run(fit_args(tmp_path, tiny_model, toy_data, *EXACT)) == 143
     monkeypatch.undo()
     (first,) = run_dirs(tmp_path)
-    assert torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step
     resumed = main(fit_args(tmp_path, tiny_model, toy_data, *EXACT, "--ckpt_path=last"))
     losses = {**scalars(first, "train/loss"), **scalars(Path(resumed.trainer.log_dir), "train/loss")}
     assert losses == pytest.approx(uninterrupted, rel=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ChatDataModule.train_dataloader skips batch_progress.current.completed batches, which lags by one for "
-    "a checkpoint saved at on_train_batch_end (ModelCheckpoint's every_n_train_steps, LastCheckpoint): the resumed "
-    "run trains that batch again. Skipping current.processed fixes it.",
-)
 def test_resume_from_a_batch_end_checkpoint_is_exact(tmp_path, tiny_model, toy_data, uninterrupted, monkeypatch):
     original = QLoRAModule.training_step
 
     def training_step(self, batch, batch_idx):
-        if self.trainer.global_step == 3:
+        if self.trainer.global_step == 2:
             raise KeyboardInterrupt  # Lightning stops gracefully; last.ckpt is LastCheckpoint's of step 2
         return original(self, batch, batch_idx)
 
@@ -327,11 +321,6 @@ def test_resume_from_a_batch_end_checkpoint_is_exact(tmp_path, tiny_model, toy_d
     assert losses == pytest.approx(uninterrupted, rel=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Lightning calls set_epoch on dataloader.sampler and dataloader.batch_sampler.sampler only, not on a "
-    "batch_sampler itself: StepBatchSampler stays at epoch 0, so every epoch repeats epoch 0's order.",
-)
 def test_lightning_advances_the_batch_order_each_epoch(tiny_model, toy_data):
     from lightning.fabric.utilities.data import _set_sampler_epoch
 
