@@ -133,6 +133,16 @@ class CapyCLI(LightningCLI):
 def _check_ckpt_path(config: Any) -> None:
     """Resolves ``--ckpt_path last`` across run versions and checks the file before anything reads it."""
     ckpt = config.get("ckpt_path")
+    run = _config_run_dir(config)
+    if ckpt in ("last", "best") and run is not None:
+        # `test --config runs/x/version_N/config.yaml --ckpt_path best|last`: that run's checkpoints
+        found = checks.find_last_checkpoint(run / "checkpoints", "last*.ckpt")
+        if ckpt == "best" and found is not None:
+            found = _best_checkpoint(found)
+        if found is None:
+            raise checks.ConfigError(f"ckpt_path: no {ckpt} checkpoint in {run / 'checkpoints'}; pass a .ckpt path")
+        log.info("--ckpt_path %s: %s", ckpt, found)
+        config.ckpt_path = ckpt = str(found)
     if ckpt == "last":
         dirpath = config.get("checkpoint", {}).get("dirpath")
         root = Path(dirpath) if dirpath else _log_root(config)
@@ -144,6 +154,27 @@ def _check_ckpt_path(config: Any) -> None:
         config.ckpt_path = ckpt = str(found)
     if ckpt and ckpt not in ("best", "hpc") and not re.match(r"^\w+:", str(ckpt)):  # not a URL or registry
         checks.check_checkpoint_file(ckpt)
+
+
+def _config_run_dir(config: Any) -> Path | None:
+    """The run dir when the (last) ``--config`` is a run's saved ``config.yaml`` next to its ``checkpoints/``."""
+    paths = config.get("config") or []
+    if not paths:
+        return None
+    parent = Path(str(paths[-1])).resolve().parent
+    return parent if (parent / "checkpoints").is_dir() else None
+
+
+def _best_checkpoint(last: Path) -> Path | None:
+    """The best checkpoint recorded by ModelCheckpoint in ``last``'s callback state (it outlives the process)."""
+    state = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
+    for key, value in state.items():
+        best = value.get("best_model_path") if key.startswith("ModelCheckpoint") else None
+        if best and Path(best).is_file():
+            return Path(best)
+        if best and (last.parent / Path(best).name).is_file():  # the run dir moved
+            return last.parent / Path(best).name
+    return None
 
 
 def _log_root(config: Any) -> Path | None:
