@@ -53,13 +53,20 @@ class QLoRAModule(L.LightningModule):
         use_dora: weight-decomposed LoRA.
         use_rslora: rank-stabilized scaling.
         gradient_checkpointing: recompute activations in backward (non-reentrant): far less memory, ~30% more time.
-        attn_implementation: ``sdpa`` (default), ``eager``, ``flash_attention_2`` or ``flex_attention``.
+        attn_implementation: ``sdpa_packed`` (default: PyTorch SDPA; with ``data.padding_free`` each packed
+            conversation runs through causal flash attention, never across conversations), ``sdpa``, ``eager``,
+            ``flash_attention_2`` or ``flex_attention``.
+        liger_kernels: Liger's fused RMSNorm, SwiGLU and RoPE kernels on CUDA (``pip install liger-kernel``; skipped
+            with a warning on CPU or when missing).
+        offload_embeddings: keep the frozen input embedding table in CPU memory (1 GiB saved for Llama-3's 128k
+            vocabulary in 16 bits; only the looked-up rows travel). Skipped on CPU or when tied to the output head.
         optimizer: ``adamw`` (torch) or ``paged_adamw_8bit`` (bitsandbytes; GPU).
         learning_rate: peak learning rate (QLoRA: 2e-4).
         weight_decay: AdamW weight decay on the adapter weights.
         warmup_steps: linear warmup, in optimizer steps.
         lr_schedule: decay after warmup: ``cosine``, ``linear`` or ``constant``.
-        loss_chunk_size: tokens per output-head + cross-entropy chunk; bounds logit memory (0: no chunking).
+        loss_chunk_size: tokens per output-head + cross-entropy chunk; bounds logit memory (0: no chunking). 256
+            keeps the fp32 logits of a chunk at 128 MiB for a 128k vocabulary.
         trust_remote_code: run model code from the hub repo; off unless you trust it.
         generation: how ``test``/``predict`` answer prompts (``--model.generation.max_new_tokens`` etc.; greedy).
         bertscore: how ``test`` scores answers (``--model.bertscore.model_type`` etc.; roberta-large, layer 17).
@@ -81,13 +88,15 @@ class QLoRAModule(L.LightningModule):
         use_dora: bool = False,
         use_rslora: bool = False,
         gradient_checkpointing: bool = True,
-        attn_implementation: str = "sdpa",
+        attn_implementation: str = "sdpa_packed",
+        liger_kernels: bool = True,
+        offload_embeddings: bool = True,
         optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw",
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 10,
         lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
-        loss_chunk_size: int = 1024,
+        loss_chunk_size: int = 256,
         trust_remote_code: bool = False,
         generation: GenerationSettings = GenerationSettings(),  # noqa: B008 (frozen dataclass: safe to share)
         bertscore: BERTScoreSettings = BERTScoreSettings(),  # noqa: B008
@@ -125,7 +134,14 @@ class QLoRAModule(L.LightningModule):
         self.tokenizer = load_tokenizer(hp.model_name_or_path, hp.trust_remote_code)
         # `device` is this rank's own device (cuda:<local rank> under DDP): each rank loads its own full copy
         base = load_base_model(
-            hp.model_name_or_path, quantization, dtype, hp.attn_implementation, device, hp.trust_remote_code
+            hp.model_name_or_path,
+            quantization,
+            dtype,
+            hp.attn_implementation,
+            device,
+            hp.trust_remote_code,
+            liger_kernels=hp.liger_kernels,
+            offload_embeddings=hp.offload_embeddings,
         )
         lora = build_lora_config(
             hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.target_modules, hp.use_dora, hp.use_rslora

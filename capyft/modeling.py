@@ -264,7 +264,7 @@ def apply_liger_kernels(model: Any) -> bool:
         Whether the kernels were applied.
     """
     if next(model.parameters()).device.type != "cuda":
-        log.warning("liger_kernels needs a CUDA GPU; running without them")
+        log.info("liger_kernels: CUDA only; not used on %s", next(model.parameters()).device.type)
         return False
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
