@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_demo_config_fits_tests_and_resumes(tmp_path):
     common = [
-        "--config", str(REPO / "configs" / "demo.yaml"),
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
         f"--model.model_name_or_path={smollm2_dir()}",
         f"--trainer.logger.init_args.save_dir={tmp_path}",
         "--trainer.enable_progress_bar=false",
@@ -37,11 +38,18 @@ def test_demo_config_fits_tests_and_resumes(tmp_path):
     resumed = main(["fit", *common, "--trainer.max_steps=3", f"--ckpt_path={last}"])
     assert resumed.trainer.global_step == 3
 
-    main([
-        "test", "--config", str(run / "config.yaml"), f"--ckpt_path={last}",
-        f"--model.bertscore.model_type={minilm_dir()}", "--model.generation.max_new_tokens=16",
-        "--data.test_size=2", "--trainer.enable_progress_bar=false",
-    ])
+    main(
+        [
+            "test",
+            "--config",
+            str(run / "config.yaml"),
+            f"--ckpt_path={last}",
+            f"--model.bertscore.model_type={minilm_dir()}",
+            "--model.generation.max_new_tokens=16",
+            "--data.test_size=2",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["prediction"] and r["base_prediction"] for r in rows)
     metrics = json.loads((run / "test_metrics.json").read_text())

@@ -260,11 +260,20 @@ def test_test_subcommand_finds_the_runs_checkpoint(tmp_path, tiny_model, toy_dat
 
     fit = main(fit_args(tmp_path, tiny_model, toy_data, "--trainer.max_steps=4", "--trainer.val_check_interval=2"))
     run = Path(fit.trainer.log_dir)
-    tested = main([
-        "test", "--config", str(run / "config.yaml"), f"--ckpt_path={which}", "--trainer.enable_progress_bar=false",
-        f"--model.bertscore.model_type={minilm_dir()}", "--model.bertscore.num_layers=6",
-        "--model.generation.max_new_tokens=4",
-    ])
-    expected = fit.trainer.checkpoint_callback.best_model_path if which == "best" else str(run / "checkpoints" / "last.ckpt")
+    tested = main(
+        [
+            "test",
+            "--config",
+            str(run / "config.yaml"),
+            f"--ckpt_path={which}",
+            "--trainer.enable_progress_bar=false",
+            f"--model.bertscore.model_type={minilm_dir()}",
+            "--model.bertscore.num_layers=6",
+            "--model.generation.max_new_tokens=4",
+        ]
+    )
+    expected = (
+        fit.trainer.checkpoint_callback.best_model_path if which == "best" else str(run / "checkpoints" / "last.ckpt")
+    )
     assert Path(tested.trainer.ckpt_path).resolve() == Path(expected).resolve()
     assert (run / "predictions.jsonl").exists() and (run / "test_metrics.json").exists()
