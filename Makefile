@@ -27,7 +27,7 @@ assets: setup  ## fetch the offline assets: SmolLM2-135M-Instruct (as a HF folde
 	$(PY) -m capyft.assets all
 
 test: assets  ## run the test suite (offline, CPU; the slow real-model tests included)
-	$(PY) -m pytest -q -x --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 test-fast: assets  ## the suite without the slow-marked tests
 	$(PY) -m pytest -q -x -m "not slow" $(PYTEST_ARGS)

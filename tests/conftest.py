@@ -36,3 +36,11 @@ def sample_rows():
     """The 16 real Capybara rows in trl's ``messages`` schema (shared: copy before changing them)."""
     with open(SAMPLE_DATA, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A 2-layer, hidden-64 random Llama with SmolLM2's tokenizer and chat template (4-bit needs multiples of 64)."""
+    from capyft.tiny import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", assets.smollm2_dir())

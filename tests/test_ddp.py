@@ -16,9 +16,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import scalars
 
 from capyft.cli import main
-from capyft.tiny import make_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4  # 8 training rows, global batch 2: one epoch
@@ -69,13 +69,6 @@ def callback(cls: type, **init_args) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from capyft.assets import smollm2_dir
-
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", smollm2_dir())
-
-
-@pytest.fixture(scope="module")
 def toy_rows(tmp_path_factory) -> tuple[Path, list[dict]]:
     """12 conversations of uneven lengths (so the two ranks of a step hold different token counts)."""
     words = ["red", "green", "blue", "amber", "violet", "black", "white", "olive", "teal", "pink", "gold", "gray"]
@@ -114,18 +107,6 @@ def capyft(*args: str) -> None:
         [sys.executable, "-m", "capyft", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-
-
-def scalars(run: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[int, float] = {}
-    for events in sorted(run.glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
 
 
 @pytest.fixture(scope="module")

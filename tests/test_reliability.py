@@ -20,22 +20,15 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from helpers import scalars
 
 from capyft import checks
 from capyft.callbacks import AtomicCheckpointIO, NonFiniteGuard
 from capyft.cli import main, run
 from capyft.model import QLoRAModule
-from capyft.tiny import make_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from capyft.assets import smollm2_dir
-
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", smollm2_dir())
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
@@ -84,18 +77,6 @@ def fit_args(tmp_path: Path, model: Path, data: Path, *extra: str) -> list[str]:
 
 def run_dirs(tmp_path: Path) -> list[Path]:
     return sorted((tmp_path / "runs" / "tiny").glob("version_*"))
-
-
-def scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[int, float] = {}
-    for events in sorted(run_dir.glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
 
 
 def lora_weights(module: L.LightningModule) -> dict[str, torch.Tensor]:
@@ -423,8 +404,8 @@ def test_trust_remote_code_is_off_unless_asked(monkeypatch, tiny_model):
     def load_tokenizer(name, trust_remote_code=False):
         seen.append(("tokenizer", trust_remote_code))
 
-    def load_base_model(*args):
-        seen.append(("model", args[-1]))  # (name, quantization, dtype, attn, device, trust_remote_code)
+    def load_base_model(*args, **kwargs):
+        seen.append(("model", args[5]))  # (name, quantization, dtype, attn, device, trust_remote_code)
         raise Loaded
 
     monkeypatch.setattr("capyft.model.load_tokenizer", load_tokenizer)

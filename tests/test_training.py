@@ -9,21 +9,14 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from helpers import scalars
 from safetensors.torch import load_file
 
 from capyft.cli import main
 from capyft.datamodule import ChatDataModule
 from capyft.model import QLoRAModule
-from capyft.tiny import make_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    from capyft.assets import smollm2_dir
-
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", smollm2_dir())
 
 
 @pytest.fixture(scope="session")
@@ -52,18 +45,6 @@ def fit_args(tmp_path: Path, model: Path, data: Path, *extra: str) -> list[str]:
         "--trainer.enable_progress_bar=false",
         *extra,
     ]
-
-
-def scalars(run: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[int, float] = {}
-    for events in sorted(run.glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
 
 
 def test_fit_trains_adapter_only_and_logs(tmp_path, tiny_model, toy_data):
@@ -277,3 +258,18 @@ def test_test_subcommand_finds_the_runs_checkpoint(tmp_path, tiny_model, toy_dat
     )
     assert Path(tested.trainer.ckpt_path).resolve() == Path(expected).resolve()
     assert (run / "predictions.jsonl").exists() and (run / "test_metrics.json").exists()
+
+
+def test_saved_config_reproduces_the_run(tmp_path, tiny_model, toy_data):
+    """`fit --config <run>/config.yaml` alone repeats the run: the same losses, step for step."""
+    first = main(fit_args(tmp_path / "a", tiny_model, toy_data, "--trainer.max_steps=5", "--model.lora_dropout=0.1"))
+    run = Path(first.trainer.log_dir)
+    again = main(
+        [
+            "fit",
+            "--config",
+            str(run / "config.yaml"),
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'b'}",
+        ]
+    )
+    assert scalars(Path(again.trainer.log_dir), "train/loss") == scalars(run, "train/loss")
