@@ -213,6 +213,13 @@ def trainer_defaults() -> dict[str, Any]:
     }
 
 
+DESCRIPTION = (
+    "capyft: QLoRA fine-tuning of chat models on multi-turn conversations. Subcommands: fit, validate, test, predict "
+    "(LightningCLI: `python -m capyft fit --help`), plus `python -m capyft export --help` (adapter or merged model) "
+    "and `python -m capyft chat --help` (interactive chat, batch answers)."
+)
+
+
 def main(args: list[str] | None = None) -> CapyCLI | int:
     """Entry point of ``python -m capyft``: LightningCLI's subcommands, plus ``export`` and ``chat`` (argparse)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -227,6 +234,7 @@ def main(args: list[str] | None = None) -> CapyCLI | int:
         trainer_defaults=trainer_defaults(),
         save_config_callback=SaveFitConfig,
         parser_class=CapyArgumentParser,
+        parser_kwargs={"description": DESCRIPTION},
         args=args,
     )
 
