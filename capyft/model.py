@@ -111,9 +111,10 @@ class QLoRAModule(L.LightningModule):
         self.model: Any = None
         self.tokenizer: Any = None
         self.strict_loading = False  # checkpoints hold the adapter only, not the frozen base
-        self._step_loss = 0.0
-        self._step_tokens = 0
-        self._step_start = 0.0
+        # the optimizer step in progress: its share of the token-mean loss, trained tokens, start time
+        self._step_loss: torch.Tensor | float = 0.0
+        self._step_tokens: torch.Tensor | int = 0
+        self._step_start: float | None = None
 
     # ---- building -------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -205,7 +206,7 @@ class QLoRAModule(L.LightningModule):
         self.model.train()  # Lightning switches the LightningModule, but a model loaded by HF starts in eval mode
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if self._step_tokens == 0:
+        if self._step_start is None:  # first micro-batch of this optimizer step
             self._step_start = time.perf_counter()
         loss_sum, n_tokens = self(batch)
         # Normalize by the trained tokens of the whole optimizer step (all micro-batches, all ranks), so the
@@ -213,17 +214,21 @@ class QLoRAModule(L.LightningModule):
         # DDP averages over ranks: multiply both back.
         step_tokens = batch["step_tokens"].to(loss_sum.device).float()
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
-        self._step_loss += float(loss_sum.detach()) / float(step_tokens)
-        self._step_tokens += int(n_tokens)
+        # Accumulate as tensors: a float() here would make the host wait for the forward pass before it can queue
+        # the backward kernels (QLoRA steps are launch-bound); the step's metrics sync once, before the update.
+        self._step_loss = self._step_loss + loss_sum.detach() / step_tokens
+        self._step_tokens = self._step_tokens + n_tokens.detach()
         return loss_sum / step_tokens * scale
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         # no gradients: NonFiniteGuard dropped a non-finite step's (see capyft.callbacks); log its norm as NaN
-        norms = [torch.linalg.vector_norm(g.float()) for g in grads] or [torch.tensor(float("nan"))]
-        grad_norm = torch.linalg.vector_norm(torch.stack(norms))
+        norms = torch._foreach_norm(grads) if grads else [torch.tensor(float("nan"))]  # one fused kernel
+        grad_norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
         elapsed = max(time.perf_counter() - self._step_start, 1e-9)
-        loss, rate, grad_norm = self._reduce_step_metrics(self._step_loss, self._step_tokens, elapsed, grad_norm)
+        loss, rate, grad_norm = self._reduce_step_metrics(
+            float(self._step_loss), int(self._step_tokens), elapsed, grad_norm
+        )
         metrics = {
             "train/loss": loss,
             "train/grad_norm": grad_norm,
@@ -235,7 +240,7 @@ class QLoRAModule(L.LightningModule):
         self.log_dict(metrics, on_step=True, prog_bar=False, sync_dist=False, batch_size=1)
         bar = {"loss": metrics["train/loss"], "tok/s": metrics["train/tokens_per_sec"]}
         self.log_dict(bar, prog_bar=True, logger=False, batch_size=1)
-        self._step_loss, self._step_tokens = 0.0, 0
+        self._step_loss, self._step_tokens, self._step_start = 0.0, 0, None
 
     def _reduce_step_metrics(
         self, loss: float, tokens: int, elapsed: float, grad_norm: torch.Tensor
