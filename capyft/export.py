@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from capyft import checks
 from capyft.modeling import build_lora_config, load_base_model, load_tokenizer, to_dtype
 
 log = logging.getLogger(__name__)
@@ -35,19 +36,11 @@ MODULE_PREFIX = "model."  # QLoRAModule keeps the PEFT model in ``self.model``
 LORA_MARK = "lora_"  # every adapter tensor name holds it (lora_A, lora_B, lora_magnitude_vector); base names don't
 
 
-def _numpy_globals() -> list[Any]:
-    """The numpy objects a Lightning checkpoint pickles (the RNG state), allowed for ``weights_only`` loading."""
-    import numpy as np
-
-    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core to np._core
-    return [np.ndarray, np.dtype, core.multiarray._reconstruct, type(np.dtype(np.uint32))]
-
-
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Loads a capyft Lightning checkpoint with ``torch.load(weights_only=True)`` on CPU.
 
-    Only tensors, plain containers and the numpy types of the RNG state are unpickled, so a checkpoint from
-    elsewhere cannot run code.
+    Only tensors and plain containers are unpickled (capyft stores its RNG state without numpy objects), so a
+    checkpoint from elsewhere cannot run code.
 
     Args:
         path: a ``.ckpt`` written by ``python -m capyft fit``.
@@ -67,9 +60,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     if path.is_dir():
         raise ValueError(f"{path} is a directory, not a .ckpt file; for a PEFT adapter folder use --adapter {path}")
+    checks.check_checkpoint_file(path)  # truncated or damaged (CRC), reported before unpickling
     try:
-        with torch.serialization.safe_globals(_numpy_globals()):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" in str(err):
             raise ValueError(

@@ -188,8 +188,13 @@ def test_export_errors(ckpt, tmp_path):
     with pytest.raises(ValueError, match="is a directory"):
         load_checkpoint(tmp_path)
     (tmp_path / "corrupt.ckpt").write_bytes(ckpt.read_bytes()[:1000])
-    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(ValueError, match="truncated or corrupt"):
         load_checkpoint(tmp_path / "corrupt.ckpt")
+    flipped = bytearray(ckpt.read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF  # one damaged byte inside a tensor record: torch.load would read it silently
+    (tmp_path / "flipped.ckpt").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="fails its CRC check"):
+        load_checkpoint(tmp_path / "flipped.ckpt")
     torch.save({"state_dict": {"layer.weight": torch.zeros(2)}, "hyper_parameters": {"lr": 1.0}}, tmp_path / "x.ckpt")
     with pytest.raises(ValueError, match="not a capyft checkpoint"):
         load_checkpoint(tmp_path / "x.ckpt")
