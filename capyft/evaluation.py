@@ -134,14 +134,20 @@ def generate(
             )
     finally:
         model.train(was_training)
+    return [cut_at_stop(tokenizer, row, stop_ids) for row in output[:, input_ids.shape[1] :].tolist()]
+
+
+def cut_at_stop(tokenizer: Any, ids: list[int], stop_ids: list[int]) -> Generated:
+    """Decodes generated ``ids`` up to the first stop token (special tokens dropped, stripped).
+
+    ``num_tokens`` counts the stop token when there is one; ``stopped`` says whether the answer ended at end-of-turn
+    rather than at ``max_new_tokens``.
+    """
     stops = set(stop_ids)
-    answers = []
-    for row in output[:, input_ids.shape[1] :].tolist():
-        end = next((i for i, token in enumerate(row) if token in stops), None)
-        kept = row if end is None else row[:end]
-        text = tokenizer.decode(kept, skip_special_tokens=True).strip()
-        answers.append(Generated(text, len(row) if end is None else end + 1, end is not None))
-    return answers
+    end = next((i for i, token in enumerate(ids) if token in stops), None)
+    kept = ids if end is None else ids[:end]
+    text = tokenizer.decode(kept, skip_special_tokens=True).strip()
+    return Generated(text, len(ids) if end is None else end + 1, end is not None)
 
 
 def load_scorer(settings: BERTScoreSettings, device: torch.device | str = "cpu") -> Any:

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 import torch
 
 from capyft.chat import ROLES, encode_prompt, end_of_turn_ids, split_prompt_reference
+from capyft.evaluation import cut_at_stop
 from capyft.export import (
     adapter_base,
     adapter_weights,
@@ -118,9 +119,7 @@ def generation_config(tokenizer: Any, max_new_tokens: int = 256, temperature: fl
 
 def decode_answer(tokenizer: Any, ids: list[int], stop_ids: list[int]) -> str:
     """The text of generated ``ids`` up to the first end-of-turn token, special tokens dropped, stripped."""
-    stop = set(stop_ids)
-    end = next((i for i, token in enumerate(ids) if token in stop), len(ids))
-    return tokenizer.decode(ids[:end], skip_special_tokens=True).strip()
+    return cut_at_stop(tokenizer, ids, stop_ids).text
 
 
 class ChatSession:
