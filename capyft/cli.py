@@ -225,9 +225,9 @@ def main(args: list[str] | None = None) -> CapyCLI | int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] in ("export", "chat"):
-        from capyft import export, interact
+        from capyft import conversation, export
 
-        return (export.main if argv[0] == "export" else interact.main)(argv[1:])
+        return (export.main if argv[0] == "export" else conversation.main)(argv[1:])
     return CapyCLI(
         QLoRAModule,
         ChatDataModule,

@@ -1,48 +1,21 @@
-"""Generation and BERTScore for the test stage: answer each test prompt, score it against its reference.
+"""BERTScore for the test stage: score each answer against its reference.
 
-Pure functions over a Hugging Face model, tokenizer and ``bert_score.BERTScorer``; no Lightning. ``QLoRAModule``'s
-test hooks call them in a few lines.
+Plain functions over ``bert_score.BERTScorer``; no Lightning. Answers come from :mod:`capyft.generation`; what is
+written and printed is :mod:`capyft.reporting`'s.
 
 Scores come from the ``bert-score`` library itself, not torchmetrics' ``BERTScore``, which pairs candidates with the
-wrong references when their lengths differ (torchmetrics issue #2728).
+wrong references when their lengths differ (torchmetrics 1.9: identical pairs scored 0.35-0.80 instead of 1.0).
 """
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 SCORES = ("precision", "recall", "f1")
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How the test prompts are answered (``--model.generation.*``).
-
-    Args:
-        max_new_tokens: most tokens generated per answer (the reference used 100).
-        do_sample: False: greedy, deterministic (default); True: sample with ``temperature``, ``top_p``, ``top_k``.
-        temperature: softmax temperature when sampling (the reference sampled with 0.6).
-        top_p: nucleus sampling mass when sampling (the reference used 0.9).
-        top_k: keep the k likeliest tokens when sampling; 0 keeps all (50 is transformers' default, which the
-            reference ran with).
-        repetition_penalty: 1.0 is none; set explicitly so a model's own generation config cannot change it.
-        seed: seed of sampling; each batch is seeded with ``seed`` + its first row id, so an answer does not depend
-            on which batches ran before it.
-    """
-
-    max_new_tokens: int = 100
-    do_sample: bool = False
-    temperature: float = 0.6
-    top_p: float = 0.9
-    top_k: int = 50
-    repetition_penalty: float = 1.0
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -68,86 +41,6 @@ class BERTScoreSettings:
     rescale_with_baseline: bool = False
     baseline_path: str | None = None
     lang: str = "en"
-
-
-@dataclass
-class Generated:
-    """One answer: its text (new tokens only, special tokens skipped), how many tokens were generated (the stop
-    token included) and whether it ended at an end-of-turn / eos token rather than at ``max_new_tokens``."""
-
-    text: str
-    num_tokens: int
-    stopped: bool
-
-
-@torch.no_grad()
-def generate(
-    model: Any,
-    tokenizer: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    settings: GenerationSettings,
-    stop_ids: list[int],
-    seed: int = 0,
-) -> list[Generated]:
-    """Answers a batch of left-padded prompts with the KV cache; one :class:`Generated` per row, in row order.
-
-    The model runs in eval mode (training-mode gradient checkpointing would turn the cache off) with
-    ``use_cache=True``, which training configs switch off in ``model.config``. Each answer is cut at its first
-    ``stop_ids`` token, so only new tokens up to the end of the turn are decoded.
-
-    Args:
-        model: a causal LM (PEFT-wrapped or not).
-        tokenizer: its tokenizer.
-        input_ids: ``(batch, length)`` prompts, padded on the left.
-        attention_mask: 1 on prompt tokens, 0 on padding.
-        settings: decoding settings.
-        stop_ids: end-of-turn and eos ids (:func:`capyft.chat.end_of_turn_ids`).
-        seed: seeds sampling (ignored when greedy); the global RNG state is restored afterwards.
-
-    Raises:
-        ValueError: the prompts are padded on the right, or ``max_new_tokens`` is not positive.
-    """
-    if settings.max_new_tokens < 1:
-        raise ValueError(f"generation.max_new_tokens must be >= 1, got {settings.max_new_tokens}")
-    if bool((attention_mask[:, -1] == 0).any()):
-        raise ValueError("prompts must be padded on the left for batched generation (attention_mask ends in 0)")
-    sampling = {}
-    if settings.do_sample:
-        sampling = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
-    was_training = model.training
-    model.eval()
-    devices = [input_ids.device] if input_ids.device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=settings.max_new_tokens,
-                do_sample=settings.do_sample,
-                repetition_penalty=settings.repetition_penalty,
-                eos_token_id=list(stop_ids),
-                pad_token_id=tokenizer.pad_token_id,
-                use_cache=True,
-                **sampling,
-            )
-    finally:
-        model.train(was_training)
-    return [cut_at_stop(tokenizer, row, stop_ids) for row in output[:, input_ids.shape[1] :].tolist()]
-
-
-def cut_at_stop(tokenizer: Any, ids: list[int], stop_ids: list[int]) -> Generated:
-    """Decodes generated ``ids`` up to the first stop token (special tokens dropped, stripped).
-
-    ``num_tokens`` counts the stop token when there is one; ``stopped`` says whether the answer ended at end-of-turn
-    rather than at ``max_new_tokens``.
-    """
-    stops = set(stop_ids)
-    end = next((i for i, token in enumerate(ids) if token in stops), None)
-    kept = ids if end is None else ids[:end]
-    text = tokenizer.decode(kept, skip_special_tokens=True).strip()
-    return Generated(text, len(ids) if end is None else end + 1, end is not None)
 
 
 def load_scorer(settings: BERTScoreSettings, device: torch.device | str = "cpu") -> Any:
@@ -265,67 +158,3 @@ def evaluate(
                     metrics[f"test/bertscore_{name}"] - metrics[f"test/base_bertscore_{name}"]
                 )
     return records, metrics
-
-
-def comparison_table(metrics: dict[str, float]) -> Any:
-    """A ``rich`` table of the mean scores: fine-tuned, base and their difference where a base run exists."""
-    from rich.table import Table
-
-    has_base = any(key.startswith("test/base_") for key in metrics)
-    table = Table(title="BERTScore on the test set")
-    for column in ("score", "fine-tuned", *(("base", "delta") if has_base else ())):
-        table.add_column(column, justify="left" if column == "score" else "right")
-    for key, value in metrics.items():
-        if not key.startswith("test/bertscore_") or key.endswith("_delta"):
-            continue
-        name = key.removeprefix("test/bertscore_")
-        row = [name, f"{value:.4f}"]
-        if has_base:
-            base = metrics[f"test/base_bertscore_{name}"]
-            row += [f"{base:.4f}", f"{value - base:+.4f}"]
-        table.add_row(*row)
-    return table
-
-
-def print_summary(metrics: dict[str, float], bertscore_hash: str, paths: list[Path]) -> None:
-    """Prints the comparison table, bert-score's hash and where the outputs went."""
-    from rich.console import Console
-
-    console = Console()
-    console.print(comparison_table(metrics))
-    console.print(f"bert-score: {bertscore_hash}")
-    console.print(f"written: {', '.join(map(str, paths))}")
-
-
-def write_outputs(
-    directory: str | Path, records: list[dict[str, Any]], metrics: dict[str, float], info: dict[str, Any]
-) -> tuple[Path, Path]:
-    """Writes ``predictions.jsonl`` (one record per line) and ``test_metrics.json`` (metrics plus ``info``)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    predictions = directory / "predictions.jsonl"
-    with predictions.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    summary = directory / "test_metrics.json"
-    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
-    summary.write_text(json.dumps({**clean, **info}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return predictions, summary
-
-
-def examples_markdown(records: list[dict[str, Any]], count: int = 4) -> str:
-    """The first ``count`` examples as Markdown (last prompt turn, reference, prediction, base prediction)."""
-    blocks = []
-    for record in records[:count]:
-        last_turn = record["prompt"][-1]["content"] if record["prompt"] else ""
-        lines = [f"**row {record['row']}** (F1 {record.get('f1', float('nan')):.3f})", "", f"*prompt:* {last_turn}"]
-        lines += ["", f"*reference:* {record['reference']}", "", f"*prediction:* {record['prediction']}"]
-        if record.get("base_prediction") is not None:
-            lines += ["", f"*base:* {record['base_prediction']} (F1 {record.get('base_f1', float('nan')):.3f})"]
-        blocks.append("\n".join(lines))
-    return "\n\n---\n\n".join(blocks)
-
-
-def settings_dict(generation: GenerationSettings, bertscore: BERTScoreSettings) -> dict[str, Any]:
-    """Both settings as plain dicts, for ``test_metrics.json``."""
-    return {"generation": asdict(generation), "bertscore": asdict(bertscore)}

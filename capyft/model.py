@@ -13,16 +13,17 @@ import lightning as L
 import numpy as np
 import torch
 
-from capyft import evaluation
+from capyft import evaluation, generation, reporting
 from capyft.callbacks import run_dir
 from capyft.chat import end_of_turn_ids
-from capyft.evaluation import BERTScoreSettings, GenerationSettings
+from capyft.evaluation import BERTScoreSettings
+from capyft.generation import GenerationSettings
+from capyft.levers import disable_cpu_weight_packing
 from capyft.modeling import (
     build_lora_config,
     build_quantization_config,
     causal_lm_loss_sum,
     check_fsdp_quant_storage,
-    disable_cpu_weight_packing,
     load_base_model,
     load_tokenizer,
     wrap_with_lora,
@@ -295,11 +296,11 @@ class QLoRAModule(L.LightningModule):
         args = (self.tokenizer, batch["input_ids"], batch["attention_mask"], self.generation)
         stops, seed = end_of_turn_ids(self.tokenizer), self.generation.seed + min(batch["row"])
         start = time.perf_counter()
-        tuned = evaluation.generate(self.model, *args, stops, seed)
+        tuned = generation.generate(self.model, *args, stops, seed)
         base: list[Any] = [None] * len(tuned)
         if self.compare_base:
             with self.model.disable_adapter():
-                base = evaluation.generate(self.model, *args, stops, seed)
+                base = generation.generate(self.model, *args, stops, seed)
         self._gen_seconds += time.perf_counter() - start
         self._gen_tokens += sum(g.num_tokens for g in [*tuned, *base] if g)
         fields = zip(batch["row"], batch["prompt"], batch["reference"], tuned, base)
@@ -331,19 +332,19 @@ class QLoRAModule(L.LightningModule):
             "bertscore_hash": evaluation.score_hash(self._scorer, self.bertscore),
             "num_examples": len(records),
             "ckpt_path": self.trainer.ckpt_path,
-            **evaluation.settings_dict(self.generation, self.bertscore),
+            **reporting.settings_dict(self.generation, self.bertscore),
         }
-        predictions, summary = evaluation.write_outputs(run_dir(self.trainer), records, metrics, info)
+        predictions, summary = reporting.write_outputs(run_dir(self.trainer), records, metrics, info)
         step = self.trainer.global_step
         for logger in self.loggers:
             experiment = logger.experiment
             if hasattr(experiment, "add_text"):  # TensorBoard
-                experiment.add_text("test/examples", evaluation.examples_markdown(records), step)
+                experiment.add_text("test/examples", reporting.examples_markdown(records), step)
                 for prefix in ("", "base_"):
                     if f"{prefix}f1" in records[0]:
                         f1 = np.array([r[f"{prefix}f1"] for r in records])
                         experiment.add_histogram(f"test/{prefix}bertscore_f1_per_example", f1, step)
-        evaluation.print_summary(metrics, info["bertscore_hash"], [predictions, summary])
+        reporting.print_summary(metrics, info["bertscore_hash"], [predictions, summary])
         return metrics
 
     # ---- optimizer ------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from capyft.assets import minilm_dir, smollm2_dir
 from capyft.chat import encode_prompt, end_of_turn_ids
 from capyft.cli import main
 from capyft.datamodule import PromptCollator
-from capyft.evaluation import BERTScoreSettings, GenerationSettings, generate
+from capyft.evaluation import BERTScoreSettings
+from capyft.generation import GenerationSettings, generate
 from capyft.modeling import load_tokenizer
 from capyft.tiny import make_tiny_llama
 

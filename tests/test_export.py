@@ -14,9 +14,7 @@ from safetensors.torch import load_file
 from capyft import cli
 from capyft.assets import smollm2_dir
 from capyft.chat import encode_prompt, end_of_turn_ids, render
-from capyft.data import SAMPLE_DATA
-from capyft.export import checkpoint_hparams, export, load_checkpoint
-from capyft.interact import (
+from capyft.conversation import (
     ChatSession,
     generation_config,
     load_for_inference,
@@ -24,7 +22,9 @@ from capyft.interact import (
     prompt_and_reference,
     repl,
 )
-from capyft.modeling import disable_cpu_weight_packing
+from capyft.data import SAMPLE_DATA
+from capyft.export import checkpoint_hparams, export, load_checkpoint
+from capyft.levers import disable_cpu_weight_packing
 from capyft.tiny import make_tiny_llama
 
 QUESTION = [{"role": "user", "content": "Hello there, what is the capital of France?"}]
@@ -128,7 +128,7 @@ def test_adapter_export_loads_with_plain_peft_and_gives_the_module_logits(
     )
     base4 = AutoModelForCausalLM.from_pretrained(tiny, quantization_config=quant, dtype=torch.float32)
     # as in training: without this, bitsandbytes on AVX512-BF16 CPUs repacks the 4-bit weights for a bf16 kernel
-    # during no-grad passes, which moves these logits by ~0.03 (see capyft.modeling.disable_cpu_weight_packing)
+    # during no-grad passes, which moves these logits by ~0.03 (see capyft.levers.disable_cpu_weight_packing)
     disable_cpu_weight_packing(base4)
     base_only = logits(base4, input_ids)
     exported = logits(PeftModel.from_pretrained(base4, adapter_out), input_ids)

@@ -17,16 +17,8 @@ import torch
 
 from capyft.chat import IGNORE_INDEX
 from capyft.data import ChatCollator
-from capyft.modeling import (
-    PACKED_SDPA,
-    OffloadedEmbedding,
-    build_lora_config,
-    causal_lm_loss_sum,
-    offload_input_embeddings,
-    packed_sequence_kwargs,
-    prepare_base_model,
-    wrap_with_lora,
-)
+from capyft.levers import PACKED_SDPA, OffloadedEmbedding, PackedRow, offload_input_embeddings, prepare_base_model
+from capyft.modeling import build_lora_config, causal_lm_loss_sum, wrap_with_lora
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -71,15 +63,15 @@ def packed_logits(model, batch):
     ``use_cache=False`` matters: with a cache transformers does not look for restarting positions and silently
     attends across conversations (``sdpa``; ``sdpa_packed`` keeps them apart through ``cu_seq_lens_q``).
     """
-    kwargs = packed_sequence_kwargs(batch["position_ids"])
+    kwargs = PackedRow.from_position_ids(batch["position_ids"]).attention_kwargs("cpu")
     ids, positions = batch["input_ids"], batch["position_ids"]
     return model(input_ids=ids, position_ids=positions, use_cache=False, **kwargs).logits[0]
 
 
-def test_packed_sequence_kwargs_bounds():
-    kwargs = packed_sequence_kwargs(torch.tensor([[0, 1, 2, 0, 1, 0]]))
+def test_packed_row_bounds():
+    kwargs = PackedRow.from_position_ids(torch.tensor([[0, 1, 2, 0, 1, 0]])).attention_kwargs("cpu")
     assert kwargs["cu_seq_lens_q"].tolist() == [0, 3, 5, 6]
-    assert kwargs["cu_seq_lens_q"].capyft_bounds == [0, 3, 5, 6]
+    assert kwargs["packed_bounds"] == (0, 3, 5, 6)
     assert kwargs["max_length_q"] == 3
 
 

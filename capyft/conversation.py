@@ -23,7 +23,6 @@ from typing import Any, TextIO
 import torch
 
 from capyft.chat import ROLES, encode_prompt, end_of_turn_ids, split_prompt_reference
-from capyft.evaluation import cut_at_stop
 from capyft.export import (
     adapter_base,
     adapter_weights,
@@ -32,6 +31,7 @@ from capyft.export import (
     load_checkpoint,
     tokenizer_source,
 )
+from capyft.generation import cut_at_stop
 from capyft.modeling import build_quantization_config, load_base_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
     """``python -m capyft chat``: an interactive chat, or batch answers with ``--input`` / ``--output``.
 
     Args:
-        argv: the arguments after ``chat`` (default: ``sys.argv[1:]``, for ``python -m capyft.interact``).
+        argv: the arguments after ``chat`` (default: ``sys.argv[1:]``, for ``python -m capyft.conversation``).
         stdin: where the chat reads from (default ``sys.stdin``).
         stdout: where it writes (default ``sys.stdout``).
 

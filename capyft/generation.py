@@ -1,0 +1,117 @@
+"""Answering prompts: one generation path and one settings type for ``test``, ``predict`` and ``chat``.
+
+Plain functions over a Hugging Face model and tokenizer; no Lightning. Prompts are left-padded batches; answers are
+the newly generated tokens only, cut at the first end-of-turn or end-of-sequence token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How the test prompts are answered (``--model.generation.*``).
+
+    Args:
+        max_new_tokens: most tokens generated per answer (the reference used 100).
+        do_sample: False: greedy, deterministic (default); True: sample with ``temperature``, ``top_p``, ``top_k``.
+        temperature: softmax temperature when sampling (the reference sampled with 0.6).
+        top_p: nucleus sampling mass when sampling (the reference used 0.9).
+        top_k: keep the k likeliest tokens when sampling; 0 keeps all (50 is transformers' default, which the
+            reference ran with).
+        repetition_penalty: 1.0 is none; set explicitly so a model's own generation config cannot change it.
+        seed: seed of sampling; each batch is seeded with ``seed`` + its first row id, so an answer does not depend
+            on which batches ran before it.
+    """
+
+    max_new_tokens: int = 100
+    do_sample: bool = False
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Generated:
+    """One answer: its text (new tokens only, special tokens skipped), how many tokens were generated (the stop
+    token included) and whether it ended at an end-of-turn / eos token rather than at ``max_new_tokens``."""
+
+    text: str
+    num_tokens: int
+    stopped: bool
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    settings: GenerationSettings,
+    stop_ids: list[int],
+    seed: int = 0,
+) -> list[Generated]:
+    """Answers a batch of left-padded prompts with the KV cache; one :class:`Generated` per row, in row order.
+
+    The model runs in eval mode (training-mode gradient checkpointing would turn the cache off) with
+    ``use_cache=True``, which training configs switch off in ``model.config``. Each answer is cut at its first
+    ``stop_ids`` token, so only new tokens up to the end of the turn are decoded.
+
+    Args:
+        model: a causal LM (PEFT-wrapped or not).
+        tokenizer: its tokenizer.
+        input_ids: ``(batch, length)`` prompts, padded on the left.
+        attention_mask: 1 on prompt tokens, 0 on padding.
+        settings: decoding settings.
+        stop_ids: end-of-turn and eos ids (:func:`capyft.chat.end_of_turn_ids`).
+        seed: seeds sampling (ignored when greedy); the global RNG state is restored afterwards.
+
+    Raises:
+        ValueError: the prompts are padded on the right, or ``max_new_tokens`` is not positive.
+    """
+    if settings.max_new_tokens < 1:
+        raise ValueError(f"generation.max_new_tokens must be >= 1, got {settings.max_new_tokens}")
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("prompts must be padded on the left for batched generation (attention_mask ends in 0)")
+    sampling = {}
+    if settings.do_sample:
+        sampling = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
+    was_training = model.training
+    model.eval()
+    devices = [input_ids.device] if input_ids.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=settings.max_new_tokens,
+                do_sample=settings.do_sample,
+                repetition_penalty=settings.repetition_penalty,
+                eos_token_id=list(stop_ids),
+                pad_token_id=tokenizer.pad_token_id,
+                use_cache=True,
+                **sampling,
+            )
+    finally:
+        model.train(was_training)
+    return [cut_at_stop(tokenizer, row, stop_ids) for row in output[:, input_ids.shape[1] :].tolist()]
+
+
+def cut_at_stop(tokenizer: Any, ids: list[int], stop_ids: list[int]) -> Generated:
+    """Decodes generated ``ids`` up to the first stop token (special tokens dropped, stripped).
+
+    ``num_tokens`` counts the stop token when there is one; ``stopped`` says whether the answer ended at end-of-turn
+    rather than at ``max_new_tokens``.
+    """
+    stops = set(stop_ids)
+    end = next((i for i, token in enumerate(ids) if token in stops), None)
+    kept = ids if end is None else ids[:end]
+    text = tokenizer.decode(kept, skip_special_tokens=True).strip()
+    return Generated(text, len(ids) if end is None else end + 1, end is not None)
