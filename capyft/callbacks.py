@@ -6,33 +6,16 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from capyft import checks
+from capyft.checkpoints import run_dir
 
 log = logging.getLogger(__name__)
-
-
-def run_dir(trainer: L.Trainer) -> Path:
-    """The directory of this run: the logger's version dir (``runs/<name>/version_N``) or the root dir.
-
-    Not a collective, so rank 0 may call it alone (``trainer.log_dir`` broadcasts: a rank-0-only call to it hangs
-    DDP). It is the directory rank 0 writes to; other ranks' loggers may count a different ``version_N``.
-    """
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    if not trainer.loggers:
-        return Path(trainer.default_root_dir)
-    logger = trainer.loggers[0]
-    path = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
-    return Path(path or trainer.default_root_dir)
 
 
 class AdapterExport(L.Callback):
@@ -71,47 +54,6 @@ class AdapterExport(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._best = state_dict.get("best")
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` into ``<path>.tmp``, fsync, then rename over ``<path>``: a kill at any moment leaves either the
-    previous checkpoint or the new one, never a truncated file. Loading reports a damaged file in one line.
-
-    Remote paths (``s3://`` etc.) go through Lightning's own writer.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None or "://" in str(path):
-            super().save_checkpoint(checkpoint, path, storage_options)
-            return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic on POSIX and Windows when both lie on one file system
-        finally:
-            tmp.unlink(missing_ok=True)
-        if os.name == "posix":  # make the rename itself durable
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    def load_checkpoint(
-        self, path: Any, map_location: Any = lambda storage, loc: storage, weights_only: bool | None = None
-    ) -> dict[str, Any]:
-        if "://" not in str(path) and Path(path).is_file():
-            checks.check_checkpoint_file(path)
-        weights_only = True if weights_only is None else weights_only  # tensors and plain values only, unless told
-        try:
-            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as err:
-            raise checks.checkpoint_load_error(path, err) from err
 
 
 class LastCheckpoint(L.Callback):

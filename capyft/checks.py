@@ -7,9 +7,7 @@ Pure functions over a config's values; no Lightning. :mod:`capyft.cli` calls the
 from __future__ import annotations
 
 import os
-import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -131,55 +129,6 @@ def check_max_length(max_length: int | None, tokenizer: Any, system_prompt: str 
             f"one-word user turn is already {need - 1} tokens (system prompt included); raise data.max_length "
             f"well above {need} (typical: 1024-4096)"
         )
-
-
-def find_last_checkpoint(log_root: str | Path, pattern: str | None = None) -> Path | None:
-    """The newest ``last*.ckpt`` in ``<log_root>/<version>/checkpoints/`` (each run writes a new version dir), or
-    the newest match of ``pattern`` under ``log_root``.
-    """
-    found = [p for p in Path(log_root).expanduser().glob(pattern or "*/checkpoints/last*.ckpt") if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime, default=None)
-
-
-def corrupt_checkpoint(path: str | Path, reason: str) -> ConfigError:
-    return ConfigError(
-        f"ckpt_path: checkpoint {path} is truncated or corrupt ({reason}); delete it or pass another --ckpt_path "
-        "(older checkpoints lie next to it)"
-    )
-
-
-def check_checkpoint_file(path: str | Path) -> None:
-    """Fails on a checkpoint file that is missing, truncated or damaged, without unpickling it.
-
-    ``torch.save`` writes a zip archive with a CRC per record: a file cut short has no central directory, and a
-    damaged byte fails its CRC (which ``torch.load`` itself does not check: a flipped bit loads silently).
-
-    Raises:
-        ConfigError: naming the file and the fix.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path: {path} does not exist; give an existing .ckpt file, or 'last' to resume")
-    if not zipfile.is_zipfile(path):
-        raise corrupt_checkpoint(path, "not a complete zip archive as torch.save writes")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise corrupt_checkpoint(path, str(err)) from err
-    if bad is not None:
-        raise corrupt_checkpoint(path, f"record {bad} fails its CRC check")
-
-
-def checkpoint_load_error(path: str | Path, err: Exception) -> ConfigError:
-    """A readable error for a checkpoint ``torch.load`` refused (``err``)."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if isinstance(err, pickle.UnpicklingError) and "weights only" in first.lower():
-        return ConfigError(
-            f"ckpt_path: checkpoint {path} holds objects that loading with weights_only=True refuses ({first[:200]}); "
-            "capyft checkpoints hold only tensors and plain values. If you trust the file, pass --weights_only false"
-        )
-    return corrupt_checkpoint(path, f"{type(err).__name__}: {first[:200]}")
 
 
 def oom_advice(values: dict[str, Any]) -> str:

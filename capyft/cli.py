@@ -15,15 +15,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgre
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from capyft import checks
+from capyft import checkpoints, checks
 from capyft.callbacks import (
     AdapterExport,
-    AtomicCheckpointIO,
     LastCheckpoint,
     NonFiniteError,
     NonFiniteGuard,
     OutOfMemoryAdvice,
 )
+from capyft.checkpoints import AtomicCheckpointIO
 from capyft.datamodule import ChatDataModule
 from capyft.model import MONITOR, QLoRAModule
 
@@ -76,7 +76,7 @@ class CapyCLI(LightningCLI):
         super().parse_arguments(parser, args)
         # before LightningCLI reads the checkpoint's hyperparameters: resolve `last`, refuse a damaged file
         if self.config.get("subcommand"):
-            _check_ckpt_path(self.config[self.config.subcommand])
+            checkpoints.resolve_ckpt_path(self.config[self.config.subcommand])
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
@@ -92,7 +92,7 @@ class CapyCLI(LightningCLI):
         checks.check_model_path(config.model.model_name_or_path)
         checks.check_data_source(config.data.source)
         if self.subcommand != "fit":
-            _reuse_run_dir(config)
+            checkpoints.log_into_run_dir(config)
 
     def before_fit(self) -> None:
         self._check_max_length()
@@ -128,76 +128,6 @@ class CapyCLI(LightningCLI):
         if not own_io and not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
-
-
-def _check_ckpt_path(config: Any) -> None:
-    """Resolves ``--ckpt_path last`` across run versions and checks the file before anything reads it."""
-    ckpt = config.get("ckpt_path")
-    run = _config_run_dir(config)
-    if ckpt in ("last", "best") and run is not None:
-        # `test --config runs/x/version_N/config.yaml --ckpt_path best|last`: that run's checkpoints
-        found = checks.find_last_checkpoint(run / "checkpoints", "last*.ckpt")
-        if ckpt == "best" and found is not None:
-            found = _best_checkpoint(found)
-        if found is None:
-            raise checks.ConfigError(f"ckpt_path: no {ckpt} checkpoint in {run / 'checkpoints'}; pass a .ckpt path")
-        log.info("--ckpt_path %s: %s", ckpt, found)
-        config.ckpt_path = ckpt = str(found)
-    if ckpt == "last":
-        dirpath = config.get("checkpoint", {}).get("dirpath")
-        root = Path(dirpath) if dirpath else _log_root(config)
-        found = None if root is None else checks.find_last_checkpoint(root, "last*.ckpt" if dirpath else None)
-        if found is None:
-            log.warning("--ckpt_path last: no last.ckpt under %s, so the run starts from scratch", root)
-            return
-        log.info("--ckpt_path last: %s", found)
-        config.ckpt_path = ckpt = str(found)
-    if ckpt and ckpt not in ("best", "hpc") and not re.match(r"^\w+:", str(ckpt)):  # not a URL or registry
-        checks.check_checkpoint_file(ckpt)
-
-
-def _config_run_dir(config: Any) -> Path | None:
-    """The run dir when the (last) ``--config`` is a run's saved ``config.yaml`` next to its ``checkpoints/``."""
-    paths = config.get("config") or []
-    if not paths:
-        return None
-    parent = Path(str(paths[-1])).resolve().parent
-    return parent if (parent / "checkpoints").is_dir() else None
-
-
-def _best_checkpoint(last: Path) -> Path | None:
-    """The best checkpoint recorded by ModelCheckpoint in ``last``'s callback state (it outlives the process)."""
-    state = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
-    for key, value in state.items():
-        best = value.get("best_model_path") if key.startswith("ModelCheckpoint") else None
-        if best and Path(best).is_file():
-            return Path(best)
-        if best and (last.parent / Path(best).name).is_file():  # the run dir moved
-            return last.parent / Path(best).name
-    return None
-
-
-def _log_root(config: Any) -> Path | None:
-    """Where the runs of this config keep their version dirs: the logger's ``<save_dir>/<name>``."""
-    logger = config.trainer.get("logger")
-    init = getattr(logger, "init_args", None)
-    if init is None or init.get("save_dir") is None:
-        return None
-    return Path(init.save_dir) / (init.get("name") or "lightning_logs")
-
-
-def _reuse_run_dir(config: Any) -> None:
-    """Evaluating a checkpoint of ``runs/<name>/<version>/checkpoints/``: log into that same run dir."""
-    ckpt = config.get("ckpt_path")
-    logger = config.trainer.get("logger")
-    if not ckpt or ckpt in ("best", "last") or not hasattr(logger, "init_args"):
-        return
-    path = Path(ckpt).resolve()
-    if path.parent.name == "checkpoints":
-        version_dir = path.parent.parent
-        logger.init_args.save_dir = str(version_dir.parent.parent)
-        logger.init_args.name = version_dir.parent.name
-        logger.init_args.version = version_dir.name
 
 
 def trainer_defaults() -> dict[str, Any]:

@@ -23,80 +23,11 @@ from typing import Any, TextIO
 import torch
 
 from capyft.chat import ROLES, encode_prompt, end_of_turn_ids, split_prompt_reference
-from capyft.export import (
-    adapter_base,
-    adapter_weights,
-    attach_adapter,
-    checkpoint_hparams,
-    load_checkpoint,
-    tokenizer_source,
-)
+from capyft.checkpoints import load_for_inference
 from capyft.generation import cut_at_stop
-from capyft.modeling import build_quantization_config, load_base_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 HELP = "/reset clears the conversation, /exit (or Ctrl-D) quits"
-
-
-def load_for_inference(
-    ckpt_path: str | Path | None = None,
-    adapter: str | Path | None = None,
-    model: str | None = None,
-    load_in_4bit: bool | None = None,
-    dtype: str | None = None,
-    device: str | torch.device | None = None,
-) -> tuple[Any, Any, dict[str, Any]]:
-    """Loads a model for generation: a checkpoint's adapter, an adapter folder, or a base model alone.
-
-    Args:
-        ckpt_path: a capyft ``.ckpt``; its hyper-parameters give the base and the LoRA config.
-        adapter: a PEFT adapter folder; its ``adapter_config.json`` names the base.
-        model: the base model; with ``ckpt_path`` or ``adapter`` it overrides the base they name.
-        load_in_4bit: quantize the base. Default: as in training on a GPU, never on CPU.
-        dtype: weights / compute dtype. Default: float32 on CPU; on a GPU the training ``compute_dtype``, else
-            bfloat16 where supported.
-        device: default ``cuda`` when available, else ``cpu``.
-
-    Returns:
-        ``(model, tokenizer, checkpoint)``, the model in eval mode; ``checkpoint`` is empty without ``ckpt_path``.
-
-    Raises:
-        ValueError: no source given, or both a checkpoint and an adapter.
-    """
-    if ckpt_path is not None and adapter is not None:
-        raise ValueError("give --ckpt_path or --adapter, not both")
-    checkpoint = load_checkpoint(ckpt_path) if ckpt_path is not None else {}
-    hparams = checkpoint_hparams(checkpoint) if checkpoint else {}
-    if checkpoint:
-        base = model or hparams["model_name_or_path"]
-    elif adapter is not None:
-        base = model or adapter_base(adapter)
-    elif model is not None:
-        base = model
-    else:
-        raise ValueError("give a model: --ckpt_path FILE.ckpt, --adapter DIR or --model DIR")
-    hparams["model_name_or_path"] = base
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    on_gpu = device.type == "cuda"
-    if load_in_4bit is None:
-        load_in_4bit = on_gpu and bool(hparams.get("load_in_4bit", False))
-    if dtype is None:
-        gpu_default = "bfloat16" if on_gpu and torch.cuda.is_bf16_supported() else "float16"
-        dtype = hparams.get("compute_dtype", gpu_default) if on_gpu else "float32"
-    trust = bool(hparams.get("trust_remote_code", False))
-    quantization = build_quantization_config(
-        load_in_4bit, hparams.get("quant_type", "nf4"), hparams.get("double_quant", True), dtype
-    )
-    log.info("loading %s%s in %s on %s", base, " (4-bit)" if load_in_4bit else "", dtype, device)
-    net = load_base_model(base, quantization, dtype, hparams.get("attn_implementation", "sdpa"), device, trust)
-    if checkpoint:
-        net = attach_adapter(net, hparams, {k: v.to(device) for k, v in adapter_weights(checkpoint).items()})
-    elif adapter is not None:
-        from peft import PeftModel
-
-        net = PeftModel.from_pretrained(net, str(adapter))
-    net.config.use_cache = True
-    return net.eval(), load_tokenizer(tokenizer_source(adapter, base), trust), checkpoint
 
 
 def generation_config(tokenizer: Any, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0) -> Any:

@@ -16,147 +16,24 @@ chat template next to the weights, so the folder is all ``transformers`` / ``pef
 from __future__ import annotations
 
 import argparse
-import inspect
-import json
 import logging
-import pickle
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from capyft import checks
-from capyft.modeling import build_lora_config, load_base_model, load_tokenizer, to_dtype
+from capyft.checkpoints import (
+    adapter_base,
+    adapter_weights,
+    attach_adapter,
+    checkpoint_hparams,
+    load_checkpoint,
+    tokenizer_source,
+)
+from capyft.modeling import load_base_model, load_tokenizer, to_dtype
 
 log = logging.getLogger(__name__)
-
-MODULE_PREFIX = "model."  # QLoRAModule keeps the PEFT model in ``self.model``
-LORA_MARK = "lora_"  # every adapter tensor name holds it (lora_A, lora_B, lora_magnitude_vector); base names don't
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Loads a capyft Lightning checkpoint with ``torch.load(weights_only=True)`` on CPU.
-
-    Only tensors and plain containers are unpickled (capyft stores its RNG state without numpy objects), so a
-    checkpoint from elsewhere cannot run code.
-
-    Args:
-        path: a ``.ckpt`` written by ``python -m capyft fit``.
-
-    Returns:
-        The checkpoint dict, with ``state_dict`` and ``hyper_parameters``.
-
-    Raises:
-        FileNotFoundError: there is no such file.
-        ValueError: the file is a directory, unreadable (truncated, not a PyTorch file), holds other Python objects,
-            or is not a capyft checkpoint (no base model in its hyper-parameters, no LoRA tensors).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"checkpoint {path} does not exist; give a .ckpt from runs/<name>/version_N/checkpoints/"
-        )
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory, not a .ckpt file; for a PEFT adapter folder use --adapter {path}")
-    checks.check_checkpoint_file(path)  # truncated or damaged (CRC), reported before unpickling
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" in str(err):
-            raise ValueError(
-                f"{path} holds Python objects beyond tensors and plain data, so it is not loaded (weights_only=True "
-                f"refuses them; a capyft checkpoint needs none). First line of torch's error: "
-                f"{str(err).strip().splitlines()[-1][:300]}"
-            ) from err
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (corrupt or not a .ckpt): {err}") from err
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {err}") from err
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not isinstance(hparams, dict) or not hparams.get("model_name_or_path"):
-        raise ValueError(
-            f"{path} is not a capyft checkpoint: it has no hyper_parameters.model_name_or_path (expected a .ckpt "
-            "written by `python -m capyft fit`)"
-        )
-    if not any(LORA_MARK in key for key in checkpoint.get("state_dict") or {}):
-        raise ValueError(f"{path} is not a capyft checkpoint: its state_dict holds no LoRA tensors")
-    return checkpoint
-
-
-def checkpoint_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The ``QLoRAModule`` arguments of a checkpoint, with the module's defaults for any it lacks."""
-    from capyft.model import QLoRAModule
-
-    defaults = {
-        name: p.default
-        for name, p in inspect.signature(QLoRAModule.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    return {**defaults, **checkpoint["hyper_parameters"]}
-
-
-def adapter_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The LoRA tensors of a checkpoint, named as in the PEFT model (``base_model.model....lora_A.default.weight``)."""
-    return {
-        key.removeprefix(MODULE_PREFIX): value for key, value in checkpoint["state_dict"].items() if LORA_MARK in key
-    }
-
-
-def attach_adapter(base: Any, hparams: dict[str, Any], weights: dict[str, torch.Tensor], assign: bool = False) -> Any:
-    """Wraps ``base`` with the checkpoint's LoRA config and loads its adapter tensors, checking that all match.
-
-    Args:
-        base: the base causal LM (4-bit, 16/32-bit, or on the meta device with ``assign=True``).
-        hparams: the checkpoint's ``QLoRAModule`` arguments (see :func:`checkpoint_hparams`).
-        weights: adapter tensors from :func:`adapter_weights`.
-        assign: take the checkpoint tensors as the parameters instead of copying into them (for a meta base).
-
-    Returns:
-        The ``PeftModel`` in eval mode.
-
-    Raises:
-        ValueError: the checkpoint's tensors do not fit the adapter built on this base.
-    """
-    from peft import get_peft_model
-
-    lora = build_lora_config(
-        hparams["lora_r"],
-        hparams["lora_alpha"],
-        hparams["lora_dropout"],
-        hparams["target_modules"],
-        hparams["use_dora"],
-        hparams["use_rslora"],
-    )
-    model = get_peft_model(base, lora)
-    expected = {key for key in model.state_dict() if LORA_MARK in key}
-    missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"the checkpoint's LoRA tensors do not fit the adapter built on {hparams['model_name_or_path']} "
-            f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}); "
-            "pass the base model it was trained on with --model"
-        )
-    model.load_state_dict(weights, strict=False, assign=assign)
-    return model.eval()
-
-
-def adapter_base(adapter_dir: str | Path) -> str:
-    """The base model an adapter folder names in its ``adapter_config.json``."""
-    config_file = Path(adapter_dir) / "adapter_config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json; give a folder saved by PEFT (adapter/best)")
-    base = json.loads(config_file.read_text()).get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"{config_file} names no base_model_name_or_path; pass the base model with --model")
-    return base
-
-
-def tokenizer_source(adapter_dir: str | Path | None, base: str) -> str:
-    """Where the tokenizer comes from: the adapter folder when it holds one (capyft saves it there), else the base."""
-    if adapter_dir is not None and (Path(adapter_dir) / "tokenizer_config.json").is_file():
-        return str(adapter_dir)
-    return base
 
 
 def _check_base(base: str) -> None:

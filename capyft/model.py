@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from capyft import evaluation, generation, reporting
-from capyft.callbacks import run_dir
 from capyft.chat import end_of_turn_ids
+from capyft.checkpoints import run_dir
 from capyft.evaluation import BERTScoreSettings
 from capyft.generation import GenerationSettings
 from capyft.levers import disable_cpu_weight_packing

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from capyft import cli
 from capyft.assets import smollm2_dir
 from capyft.chat import encode_prompt, end_of_turn_ids, render
+from capyft.checkpoints import checkpoint_hparams, load_checkpoint
 from capyft.conversation import (
     ChatSession,
     generation_config,
@@ -23,7 +24,7 @@ from capyft.conversation import (
     repl,
 )
 from capyft.data import SAMPLE_DATA
-from capyft.export import checkpoint_hparams, export, load_checkpoint
+from capyft.export import export
 from capyft.levers import disable_cpu_weight_packing
 from capyft.tiny import make_tiny_llama
 

@@ -22,8 +22,9 @@ import torch
 import yaml
 from helpers import scalars
 
-from capyft import checks
-from capyft.callbacks import AtomicCheckpointIO, NonFiniteGuard
+from capyft import checkpoints, checks
+from capyft.callbacks import NonFiniteGuard
+from capyft.checkpoints import AtomicCheckpointIO
 from capyft.cli import main, run
 from capyft.model import QLoRAModule
 
@@ -316,7 +317,7 @@ def test_lightning_advances_the_batch_order_each_epoch(tiny_model, toy_data):
 
 KEEP_SAVING = """
 import sys, torch
-from capyft.callbacks import AtomicCheckpointIO
+from capyft.checkpoints import AtomicCheckpointIO
 io, i = AtomicCheckpointIO(), 0
 while True:
     io.save_checkpoint({"i": i, "w": torch.full((4_000_000,), float(i))}, sys.argv[1])  # 16 MB a save
@@ -335,7 +336,7 @@ def test_kill_during_save_leaves_a_whole_checkpoint(tmp_path):
     proc.wait(timeout=30)
     ckpt = torch.load(path, weights_only=True)
     assert torch.equal(ckpt["w"], torch.full((4_000_000,), float(ckpt["i"])))
-    checks.check_checkpoint_file(path)
+    checkpoints.check_checkpoint_file(path)
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
