@@ -1,15 +1,19 @@
-"""Callbacks and checkpoint IO: PEFT-format adapter export, atomic checkpoints, and what a run does on a fault
-(preemption, non-finite steps, CUDA out of memory). docs/faults.md lists each fault and what happens on it.
+"""Callbacks: what a run writes (checkpoints, PEFT adapters) and what it does on a fault (preemption, Ctrl-C,
+non-finite steps, CUDA out of memory). docs/faults.md lists each fault and what happens on it. Callbacks meet the
+Lightning module through its hooks and ``save_adapter``, never by importing it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from capyft import checks
@@ -18,98 +22,195 @@ from capyft.checkpoints import run_dir
 log = logging.getLogger(__name__)
 
 
-class AdapterExport(L.Callback):
-    """Saves the adapter in PEFT's own format (``adapter_config.json`` + ``adapter_model.safetensors``, tokenizer
-    and chat template) as ``<run>/adapter/best`` whenever validation improves the monitored metric, and as
-    ``<run>/adapter/final`` when training ends. ``peft.PeftModel.from_pretrained(base, dir)`` loads either.
+class RunCheckpoints(ModelCheckpoint):
+    """Every checkpoint a run writes, each at the moment its name promises (the ``checkpoint:`` config section).
+
+    - ``checkpoints/last.ckpt``: after every ``every_n_train_steps``-th optimizer step (at the end of the
+      accumulation window, never inside one), when a stop is requested (:class:`GracefulStop`) and when training
+      ends, so ``last`` is always the newest whole step and, after ``fit``, the final weights.
+    - the best checkpoint (``step{N}-val_loss{X}.ckpt``, ``save_top_k`` of them) and ``adapter/best``: judged right
+      after each validation on the ``val/loss`` that validation measured, the last validation included.
+    - ``adapter/final``: when training ends. Adapters are in PEFT's own format (``adapter_config.json`` +
+      ``adapter_model.safetensors``, tokenizer and chat template); ``peft.PeftModel.from_pretrained`` loads them.
+
+    Lightning's own ``ModelCheckpoint`` judges ``best`` at its periodic save, before that step's validation has run,
+    and never after the last validation; it also saves ``last`` inside accumulation windows. This subclass keeps its
+    arguments and its top-k bookkeeping (so ``--ckpt_path best`` resolves across processes) and changes when.
     """
 
-    def __init__(self) -> None:
-        self._best: float | None = None
+    # ModelCheckpoint's own __init__ is kept, so that its arguments are the `checkpoint:` section's keys
+    _step_at_batch_start = 0
+    last_saved_step: int | None = None
 
-    def _save(self, trainer: L.Trainer, pl_module: Any, name: str) -> None:
-        if trainer.is_global_zero and pl_module.model is not None:
-            path = pl_module.save_adapter(run_dir(trainer) / "adapter" / name)
-            log.info("adapter saved: %s", path)
-        trainer.strategy.barrier()
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        from capyft.model import MONITOR
-
-        value = trainer.callback_metrics.get(MONITOR)
-        if value is None:
-            return
-        value = float(value)
-        if self._best is None or value < self._best:
-            self._best = value
-            self._save(trainer, pl_module, "best")
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self._save(trainer, pl_module, "final")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self._best}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._best = state_dict.get("best")
-
-
-class LastCheckpoint(L.Callback):
-    """Keeps ``last.ckpt`` fresh for resuming (``fit --ckpt_path last``): every ``checkpoint.every_n_train_steps``
-    optimizer steps whatever validation does, and on SIGTERM.
-
-    Lightning's ``ModelCheckpoint`` watching ``val/loss`` defers its saves, ``last.ckpt`` included, until
-    ``val/loss`` exists and past epoch ends, so a kill could lose more than ``every_n_train_steps`` steps; saving
-    here bounds the loss. On SIGTERM (a preempted or cancelled job) Lightning's own handler sets
-    ``trainer.received_sigterm`` and stops the run once the current batch is done (``SIGTERMException``): this
-    callback saves then, or just before a validation that follows the batch, so that nothing trained is lost and the
-    resumed run continues exactly (``python -m capyft`` exits with status 143). A SIGTERM in the middle of a
-    validation run saves nothing new (a half-run validation loop is no state to resume from): the run then resumes
-    from the last periodic checkpoint.
-    """
-
-    def __init__(self) -> None:
-        self.saved_step: int | None = None
-        self.saved_on_sigterm = False
-
-    def _save(self, trainer: L.Trainer) -> str:
-        path = _last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path, weights_only=False)  # optimizer, scheduler and loop state too
-        self.saved_step = trainer.global_step
+    # ---- last.ckpt ------------------------------------------------------------------------------------------
+    def write_last(self, trainer: L.Trainer, reason: str = "") -> str:
+        """Writes ``last.ckpt`` now (optimizer, scheduler, loop and RNG state too) and returns its path."""
+        path = self.last_path(trainer)
+        self.last_model_path = path  # before saving, as ModelCheckpoint does: it is part of the saved state
+        trainer.save_checkpoint(path, weights_only=False)
+        self.last_saved_step = self._last_global_step_saved = trainer.global_step
+        if reason:
+            log.info("%s: saved %s at step %d", reason, path, trainer.global_step)
         return path
 
-    def _on_sigterm(self, trainer: L.Trainer) -> None:
-        if trainer.state.fn != "fit" or self.saved_on_sigterm:
-            return
-        path = self._save(trainer)
-        self.saved_on_sigterm = True
-        log.warning("SIGTERM: saved %s at step %d; resume with `fit --ckpt_path last`", path, trainer.global_step)
+    def last_path(self, trainer: L.Trainer) -> str:
+        directory = self.dirpath or str(run_dir(trainer) / "checkpoints")
+        return self.last_model_path or os.path.join(directory, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self._step_at_batch_start:
+            return  # inside an accumulation window: no whole step to save
+        every = self._every_n_train_steps
+        if self.save_last and every and trainer.global_step % every == 0 and not trainer.fast_dev_run:
+            self.write_last(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        pass  # Lightning's epoch-end saves would judge best without a fresh val/loss; validation ends do it here
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self.save_last and not trainer.fast_dev_run and self.last_saved_step != trainer.global_step:
+            self.write_last(trainer, "training done")
+        _save_adapter(trainer, pl_module, "final")
+
+    # ---- best -----------------------------------------------------------------------------------------------
+    def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != "fit" or self.monitor is None:
+            return
+        candidates = self._monitor_candidates(trainer)
+        current = candidates.get(self.monitor)
+        if current is None or self.save_top_k == 0:
+            return
+        before = self.best_model_path
+        self._save_topk_checkpoint(trainer, candidates)
+        if self.best_model_path != before:
+            log.info(
+                "best %s %.4f at step %d: %s", self.monitor, float(current), trainer.global_step, self.best_model_path
+            )
+            _save_adapter(trainer, pl_module, "best")
+
+
+def _save_adapter(trainer: L.Trainer, pl_module: Any, name: str) -> None:
+    if trainer.is_global_zero and getattr(pl_module, "model", None) is not None:
+        path = pl_module.save_adapter(run_dir(trainer) / "adapter" / name)
+        log.info("adapter saved: %s", path)
+    trainer.strategy.barrier()
+
+
+class ValidateFinalStep(L.Callback):
+    """Validates the final weights: when the last optimizer step (``max_steps``, or the last batch of the last epoch)
+    is not a validation step, Lightning would end without validating it, and ``best`` could never be the end."""
+
+    def __init__(self) -> None:
+        self._step_at_batch_start = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self._step_at_batch_start:
+            return
+        loop = trainer.fit_loop
+        last_steps = loop.max_steps > 0 and trainer.global_step >= loop.max_steps
+        last_epoch = loop.max_epochs is not None and 0 < loop.max_epochs <= trainer.current_epoch + 1
+        if last_steps or (last_epoch and loop.epoch_loop.batch_progress.is_last_batch):
+            trainer.should_stop = True  # Lightning then validates at this batch end (when validation is on)
+
+
+class StopRequested(SIGTERMException):
+    """Training stopped at a step boundary after SIGTERM or SIGINT, with ``last.ckpt`` saved."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+class GracefulStop(L.Callback):
+    """On SIGTERM (preemption, ``scancel``) or SIGINT (Ctrl-C): finish the optimizer step in progress, save
+    ``last.ckpt``, stop.
+
+    Lightning stops at the end of any micro-batch, inside an accumulation window too, and the gradients accumulated
+    so far are in no checkpoint: the resumed step would train on part of its window. Stopping only at the end of a
+    window costs at most ``accumulate_grad_batches - 1`` more micro-batches and makes the resumed run equal the
+    uninterrupted one. A second Ctrl-C stops at once (nothing new saved). Under DDP every rank agrees at the step
+    boundary (one small all-reduce per step, only while several ranks run).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+        self._step_at_batch_start = 0
+        self._stopping: str | None = None  # set once last.ckpt is saved: stop at the next hook
+        self._trainer: L.Trainer | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        self._trainer, self.requested, self._stopping = trainer, None, None
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        first = self.requested is None
+        self.requested = self.requested or name
+        launcher = self._trainer.strategy.launcher if self._trainer is not None else None
+        if launcher is not None and first:
+            launcher.kill(signum)  # DDP launched from this process: its other ranks stop at the same step
+        if first:
+            log.warning(
+                "%s: finishing the optimizer step in progress, then saving last.ckpt%s",
+                name,
+                " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "",
+            )
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self._step_at_batch_start or self._stopping:
+            return  # inside an accumulation window: finish it first
+        stop = self.requested is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
         callback = trainer.checkpoint_callback
-        every = getattr(callback, "_every_n_train_steps", 0) if callback is not None and callback.save_last else 0
-        due = every > 0 and trainer.global_step % every == 0 and self.saved_step != trainer.global_step
-        if due and not trainer.fast_dev_run:
-            self._save(trainer)
+        if isinstance(callback, RunCheckpoints):
+            path = callback.write_last(trainer)
+        else:
+            path = str(run_dir(trainer) / "checkpoints" / "last.ckpt")
+            trainer.save_checkpoint(path, weights_only=False)
+        self._stopping = self.requested or "SIGTERM"
+        log.warning(
+            "%s: saved %s at step %d; resume with `fit --ckpt_path last`", self._stopping, path, trainer.global_step
+        )
+        # stop once Lightning has logged this step: at the next batch, or before a validation that would follow
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if self._stopping:
+            raise StopRequested(self._stopping)
+        self._step_at_batch_start = trainer.global_step
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if trainer.received_sigterm and not trainer.sanity_checking:
-            self._on_sigterm(trainer)  # the validation would stop at its first batch
+        if self._stopping and not trainer.sanity_checking:
+            raise StopRequested(self._stopping)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._restore()
 
     def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException) and not trainer.validating:
-            self._on_sigterm(trainer)
+        self._restore()
 
-
-def _last_checkpoint_path(trainer: L.Trainer) -> str:
-    callback = trainer.checkpoint_callback
-    if callback is None or callback.dirpath is None:
-        return str(run_dir(trainer) / "checkpoints" / "last.ckpt")
-    path = callback.last_model_path or os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + ".ckpt")
-    callback.last_model_path = path  # set before saving, as ModelCheckpoint does: it is part of the saved state
-    return path
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+        self._previous = {}
 
 
 class NonFiniteError(RuntimeError):

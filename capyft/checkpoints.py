@@ -54,6 +54,66 @@ def find_last_checkpoint(log_root: str | Path, pattern: str | None = None) -> Pa
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 
+# What identifies a base model beyond its path: a moved folder keeps these, another model does not.
+FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def base_model_fingerprint(config: Any) -> dict[str, Any]:
+    """The architecture facts of a base model's config (``FINGERPRINT_KEYS``), for comparing bases across runs."""
+    return {key: getattr(config, key, None) for key in FINGERPRINT_KEYS} if config is not None else {}
+
+
+# Settings a resumed or evaluated checkpoint fixes: the adapter's shape and the base it was trained against. Every
+# other model setting (paths, learning rate schedule, generation, evaluation) comes from the command line.
+FIXED_BY_CHECKPOINT = (
+    "lora_r",
+    "lora_alpha",
+    "target_modules",
+    "use_dora",
+    "use_rslora",
+    "load_in_4bit",
+    "quant_type",
+    "double_quant",
+)
+
+
+def checkpoint_conflicts(saved: dict[str, Any], current: dict[str, Any], saved_base: dict[str, Any]) -> list[str]:
+    """What in ``current`` (the command's model settings) contradicts a checkpoint's ``saved`` hyper-parameters.
+
+    A different ``model_name_or_path`` is fine when it holds the same architecture (``saved_base``, see
+    :func:`base_model_fingerprint`): the base folder moved. Without a fingerprint (older checkpoints) it is taken as
+    given. Returns one phrase per conflict (empty: none).
+    """
+    conflicts = []
+    for key in FIXED_BY_CHECKPOINT:
+        if key in saved and _normalized(saved[key]) != _normalized(current.get(key)):
+            conflicts.append(f"model.{key} is {current.get(key)!r} here but {saved[key]!r} in the checkpoint")
+    path, saved_path = current.get("model_name_or_path"), saved.get("model_name_or_path")
+    if saved_base and path and path != saved_path:
+        here = _fingerprint_of(path, bool(current.get("trust_remote_code")))
+        if here is not None and here != saved_base:
+            differ = ", ".join(f"{k} {saved_base[k]} vs {here[k]}" for k in saved_base if saved_base[k] != here[k])
+            conflicts.append(
+                f"model.model_name_or_path {path} is another model than the checkpoint's {saved_path} ({differ})"
+            )
+        elif here is not None:
+            log.info("base model moved: %s -> %s (same architecture)", saved_path, path)
+    return conflicts
+
+
+def _normalized(value: Any) -> Any:
+    return sorted(value) if isinstance(value, (list, tuple)) else value
+
+
+def _fingerprint_of(path: str, trust_remote_code: bool) -> dict[str, Any] | None:
+    from transformers import AutoConfig
+
+    try:
+        return base_model_fingerprint(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+    except (OSError, ValueError):
+        return None  # cannot read it here (offline hub id): loading will say so
+
+
 # ---- --ckpt_path resolution --------------------------------------------------------------------------------
 def resolve_ckpt_path(config: Any) -> None:
     """Resolves ``--ckpt_path last`` across run versions and checks the file before anything reads it."""
@@ -91,10 +151,10 @@ def config_run_dir(config: Any) -> Path | None:
 
 
 def best_checkpoint(last: Path) -> Path | None:
-    """The best checkpoint recorded by ModelCheckpoint in ``last``'s callback state (it outlives the process)."""
+    """The best checkpoint recorded in ``last``'s checkpoint-callback state (it outlives the process)."""
     state = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
     for key, value in state.items():
-        best = value.get("best_model_path") if key.startswith("ModelCheckpoint") else None
+        best = value.get("best_model_path") if key.startswith(("RunCheckpoints", "ModelCheckpoint")) else None
         if best and Path(best).is_file():
             return Path(best)
         if best and (last.parent / Path(best).name).is_file():  # the run dir moved
@@ -341,6 +401,38 @@ def tokenizer_source(adapter_dir: str | Path | None, base: str) -> str:
     return base
 
 
+def run_config(source: str | Path | None) -> dict[str, Any]:
+    """The ``config.yaml`` that ``fit`` saved in the run dir of a checkpoint or adapter folder; ``{}`` when none.
+
+    ``runs/<name>/version_N/checkpoints/last.ckpt`` and ``runs/<name>/version_N/adapter/best`` both lie two levels
+    below the run dir. ``chat`` takes its generation settings from it, ``chat`` and ``export`` an adapter folder's
+    quantization settings.
+    """
+    if source is None:
+        return {}
+    path = Path(source).resolve().parent.parent / "config.yaml"
+    if not path.is_file():
+        return {}
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        log.warning("cannot read the run's %s (%s); using defaults", path, err)
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def inference_dtype(trained: str | None, on_gpu: bool) -> str:
+    """The compute dtype of the model as trained and evaluated: the run's ``compute_dtype`` (float16 becomes
+    bfloat16 on CPU, as in ``QLoRAModule.configure_model``); without one float32 on CPU, else bf16 or fp16."""
+    if trained is not None:
+        return "bfloat16" if trained == "float16" and not on_gpu else trained
+    if not on_gpu:
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
 def load_for_inference(
     ckpt_path: str | Path | None = None,
     adapter: str | Path | None = None,
@@ -348,17 +440,23 @@ def load_for_inference(
     load_in_4bit: bool | None = None,
     dtype: str | None = None,
     device: str | torch.device | None = None,
+    cpu_packing: bool = True,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Loads a model for generation: a checkpoint's adapter, an adapter folder, or a base model alone.
+
+    By default this is the model that ``test`` scored: the base quantized as in training (4-bit on CPU too:
+    bitsandbytes runs 4-bit layers on CPU) in the training compute dtype, plus the adapter. An adapter folder gets
+    its quantization settings from its run's ``config.yaml`` (:func:`run_config`) when it has one.
 
     Args:
         ckpt_path: a capyft ``.ckpt``; its hyper-parameters give the base and the LoRA config.
         adapter: a PEFT adapter folder; its ``adapter_config.json`` names the base.
         model: the base model; with ``ckpt_path`` or ``adapter`` it overrides the base they name.
-        load_in_4bit: quantize the base. Default: as in training on a GPU, never on CPU.
-        dtype: weights / compute dtype. Default: float32 on CPU; on a GPU the training ``compute_dtype``, else
-            bfloat16 where supported.
+        load_in_4bit: quantize the base. Default: as in training (off for a base model alone).
+        dtype: weights / compute dtype. Default: :func:`inference_dtype` of the training ``compute_dtype``.
         device: default ``cuda`` when available, else ``cpu``.
+        cpu_packing: let bitsandbytes repack 4-bit weights into its faster CPU inference format, as the test hook
+            does (nothing trains afterwards). ``export`` turns it off to compute with the plain dequantized weights.
 
     Returns:
         ``(model, tokenizer, checkpoint)``, the model in eval mode; ``checkpoint`` is empty without ``ckpt_path``.
@@ -366,6 +464,8 @@ def load_for_inference(
     Raises:
         ValueError: no source given, or both a checkpoint and an adapter.
     """
+    from capyft.levers import disable_cpu_weight_packing
+
     if ckpt_path is not None and adapter is not None:
         raise ValueError("give --ckpt_path or --adapter, not both")
     checkpoint = load_checkpoint(ckpt_path) if ckpt_path is not None else {}
@@ -373,6 +473,7 @@ def load_for_inference(
     if checkpoint:
         base = model or hparams["model_name_or_path"]
     elif adapter is not None:
+        hparams = dict(run_config(adapter).get("model") or {})  # how the run quantized its base
         base = model or adapter_base(adapter)
     elif model is not None:
         base = model
@@ -380,18 +481,17 @@ def load_for_inference(
         raise ValueError("give a model: --ckpt_path FILE.ckpt, --adapter DIR or --model DIR")
     hparams["model_name_or_path"] = base
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    on_gpu = device.type == "cuda"
     if load_in_4bit is None:
-        load_in_4bit = on_gpu and bool(hparams.get("load_in_4bit", False))
-    if dtype is None:
-        gpu_default = "bfloat16" if on_gpu and torch.cuda.is_bf16_supported() else "float16"
-        dtype = hparams.get("compute_dtype", gpu_default) if on_gpu else "float32"
+        load_in_4bit = bool(hparams.get("load_in_4bit", False))
+    dtype = dtype or inference_dtype(hparams.get("compute_dtype"), device.type == "cuda")
     trust = bool(hparams.get("trust_remote_code", False))
     quantization = build_quantization_config(
         load_in_4bit, hparams.get("quant_type", "nf4"), hparams.get("double_quant", True), dtype
     )
     log.info("loading %s%s in %s on %s", base, " (4-bit)" if load_in_4bit else "", dtype, device)
     net = load_base_model(base, quantization, dtype, hparams.get("attn_implementation", "sdpa"), device, trust)
+    if load_in_4bit and cpu_packing:
+        disable_cpu_weight_packing(net, disable=False)
     if checkpoint:
         net = attach_adapter(net, hparams, {k: v.to(device) for k, v in adapter_weights(checkpoint).items()})
     elif adapter is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -11,21 +12,24 @@ from typing import Any, NoReturn
 
 import torch
 from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from capyft import checkpoints, checks
 from capyft.callbacks import (
-    AdapterExport,
-    LastCheckpoint,
+    GracefulStop,
     NonFiniteError,
     NonFiniteGuard,
     OutOfMemoryAdvice,
+    RunCheckpoints,
+    StopRequested,
+    ValidateFinalStep,
 )
 from capyft.checkpoints import AtomicCheckpointIO
 from capyft.datamodule import ChatDataModule
 from capyft.model import MONITOR, QLoRAModule
+from capyft.progress import StepProgress
 
 log = logging.getLogger("capyft")
 
@@ -49,8 +53,11 @@ class CapyArgumentParser(LightningArgumentParser):
             message = message[:500] + " ..."
         if message.startswith("unrecognized arguments"):
             message += " (a misspelled or unknown key)"
-        sub = (getattr(ex, "subcommand_parser", None) or self).prog.split()[-1]
-        sys.stderr.write(f"error: {message}; `python -m capyft {sub} --help` lists every key\n")
+        prog = (getattr(ex, "subcommand_parser", None) or self).prog.split()
+        sub = f" {prog[-1]}" if len(prog) > 1 else ""
+        if message.startswith("invalid choice") or "subcommand" in message:
+            message += f" (also: {', '.join(EXTRA_COMMANDS)})"
+        sys.stderr.write(f"error: {message}; `python -m capyft{sub} --help` lists every key\n")
         self.exit(2)
 
 
@@ -59,7 +66,7 @@ class CapyCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoints, "checkpoint")
         parser.add_lightning_class_args(NonFiniteGuard, "guard")
         parser.set_defaults(
             {
@@ -78,6 +85,36 @@ class CapyCLI(LightningCLI):
         if self.config.get("subcommand"):
             checkpoints.resolve_ckpt_path(self.config[self.config.subcommand])
 
+    def _parse_ckpt_path(self) -> None:
+        """Checks a ``--ckpt_path``'s settings against the command's instead of letting the checkpoint's win.
+
+        LightningCLI copies every ``model.*`` value of a checkpoint over the command line, so ``--model.lora_r 16`` on
+        an r=8 checkpoint silently trained at r=8 and a moved base folder could not be given. Here the command's
+        values apply; those the checkpoint fixes (adapter shape, quantization, base architecture) must agree.
+        """
+        if not self.config.get("subcommand"):
+            return
+        config = self.config[self.config.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        saved = ckpt.get("hyper_parameters") or {}
+        conflicts = checkpoints.checkpoint_conflicts(saved, dict(config.model), ckpt.get("base_model") or {})
+        if conflicts:
+            raise checks.ConfigError(
+                f"ckpt_path: {ckpt_path} does not fit this command: {'; '.join(conflicts)}. Pass the checkpoint's "
+                "values (its run's config.yaml holds them: --config runs/<name>/version_N/config.yaml) or start a new "
+                "run without --ckpt_path"
+            )
+        saved_data = ckpt.get("datamodule_hyper_parameters") or {}
+        if saved_data.get("source") not in (None, config.data.get("source")):
+            log.warning(
+                "ckpt_path: the checkpoint was trained on %s, this command reads %s",
+                saved_data["source"],
+                config.data.get("source"),
+            )
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         trainer = config.trainer
@@ -91,8 +128,11 @@ class CapyCLI(LightningCLI):
             trainer.precision = precision
         checks.check_model_path(config.model.model_name_or_path)
         checks.check_data_source(config.data.source)
+        checks.check_model_values(config.model.as_dict())
+        checks.check_data_values(config.data.as_dict())
         if self.subcommand != "fit":
             checkpoints.log_into_run_dir(config)
+        checks.check_run_outputs(config.trainer.as_dict(), config.checkpoint.as_dict())
 
     def before_fit(self) -> None:
         self._check_max_length()
@@ -120,7 +160,7 @@ class CapyCLI(LightningCLI):
         callbacks = trainer.get("callbacks") or []
         has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
         if trainer.get("enable_progress_bar") is not False and not has_bar:
-            kwargs["callbacks"] = [*callbacks, RichProgressBar()]
+            kwargs["callbacks"] = [*callbacks, StepProgress()]
         # atomic checkpoint writes unless the user chose a CheckpointIO (as a plugin or on the strategy)
         plugins = trainer.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
@@ -136,28 +176,30 @@ def trainer_defaults() -> dict[str, Any]:
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": "runs", "name": "capyft", "default_hp_metric": False},
         },
-        "callbacks": [AdapterExport(), LastCheckpoint(), OutOfMemoryAdvice()],
+        "callbacks": [GracefulStop(), ValidateFinalStep(), OutOfMemoryAdvice()],
         "log_every_n_steps": 1,
         "use_distributed_sampler": False,  # ChatDataModule shards its own token-aware batches per rank
         "precision": "16-mixed",
     }
 
 
+# Commands beside LightningCLI's (fit, validate, test, predict), each a module with ``main(argv) -> int`` whose
+# parser is a capyft.parsing.CommandParser: the same error format and exit statuses as the Lightning ones.
+EXTRA_COMMANDS = {"data": "capyft.preview", "export": "capyft.export", "chat": "capyft.conversation"}
 DESCRIPTION = (
     "capyft: QLoRA fine-tuning of chat models on multi-turn conversations. Subcommands: fit, validate, test, predict "
-    "(LightningCLI: `python -m capyft fit --help`), plus `python -m capyft export --help` (adapter or merged model) "
-    "and `python -m capyft chat --help` (interactive chat, batch answers)."
+    "(LightningCLI: `python -m capyft fit --help`), plus `python -m capyft data --help` (what is trained, no model "
+    "loaded), `python -m capyft export --help` (adapter or merged model) and `python -m capyft chat --help` "
+    "(interactive chat, batch answers)."
 )
 
 
 def main(args: list[str] | None = None) -> CapyCLI | int:
-    """Entry point of ``python -m capyft``: LightningCLI's subcommands, plus ``export`` and ``chat`` (argparse)."""
+    """Entry point of ``python -m capyft``: LightningCLI's subcommands, plus :data:`EXTRA_COMMANDS`."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if args is None else args
-    if argv and argv[0] in ("export", "chat"):
-        from capyft import conversation, export
-
-        return (export.main if argv[0] == "export" else conversation.main)(argv[1:])
+    if argv and argv[0] in EXTRA_COMMANDS:
+        return importlib.import_module(EXTRA_COMMANDS[argv[0]]).main(argv[1:])
     return CapyCLI(
         QLoRAModule,
         ChatDataModule,
@@ -174,10 +216,14 @@ def run(args: list[str] | None = None) -> int:
 
     Returns:
         0 done; 2 a config or data error (named key or row, and the fix); 1 out of memory or non-finite training;
-        143 stopped by SIGTERM after saving ``last.ckpt``. ``CAPYFT_TRACEBACK=1`` shows tracebacks instead.
+        143 (SIGTERM) or 130 (Ctrl-C) stopped at a step boundary after saving ``last.ckpt``. ``CAPYFT_TRACEBACK=1``
+        shows tracebacks instead.
     """
     try:
         result = main(args)
+    except StopRequested as stop:
+        log.warning("stopped by %s; continue with the same command plus --ckpt_path last", stop.signal_name)
+        return 130 if stop.signal_name == "SIGINT" else 143
     except SIGTERMException:
         log.warning("stopped by SIGTERM; continue with the same command plus --ckpt_path last")
         return 143

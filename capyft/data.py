@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 
 from capyft.chat import IGNORE_INDEX, encode_conversation, validate_conversation
+from capyft.checks import check_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ def load_source(source: str | Path) -> Any:
         builder = _FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise ValueError(f"data file {path} has an unsupported type; use .jsonl, .json, .parquet or .csv")
+        if path.suffix.lower() == ".jsonl":
+            check_jsonl(path)  # names the line of a malformed row, which datasets' own error buries
         return datasets.load_dataset(builder, data_files={"train": str(path)})
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
@@ -124,11 +127,16 @@ def tokenize_split(
     train_on: str = "all",
     system_prompt: str | None = None,
     on_bad_row: BadRow = "error",
+    bad_rows: list[tuple[int, str]] | None = None,
 ) -> Any:
     """Encodes every row of a split (``datasets.map``, cached) and handles bad rows.
 
+    Args:
+        bad_rows: when given, every bad row is appended to it as ``(row, error)``.
+
     Returns:
-        The split with ``input_ids``, ``labels``, ``messages`` and ``row`` columns.
+        The split with ``input_ids``, ``labels``, ``messages`` and ``row`` columns, plus ``full_length`` (tokens
+        before the ``max_length`` cut) and ``lost_trained`` (trained tokens the cut removed).
 
     Raises:
         ValueError: with ``on_bad_row="error"``, on the first bad row, naming it; also when no usable row is left.
@@ -139,10 +147,14 @@ def tokenize_split(
     def encode(row: dict[str, Any]) -> dict[str, Any]:
         try:
             messages = validate_conversation(to_messages(row))
-            enc = encode_conversation(messages, tokenizer, max_length, train_on, system_prompt)
-            return {**enc, "messages": messages, "error": ""}
+            enc = encode_conversation(messages, tokenizer, None, train_on, system_prompt)
+            full_length, lost = len(enc["input_ids"]), 0
+            if max_length is not None and full_length > max_length:
+                enc, lost = cut(enc, max_length)
+            return {**enc, "messages": messages, "full_length": full_length, "lost_trained": lost, "error": ""}
         except ValueError as err:  # every problem with a row's content is a ValueError
-            return {"input_ids": [], "labels": [], "messages": [], "error": str(err)}
+            empty = {"input_ids": [], "labels": [], "messages": [], "full_length": 0, "lost_trained": 0}
+            return {**empty, "error": str(err)}
 
     import datasets
 
@@ -156,6 +168,8 @@ def tokenize_split(
             "input_ids": [datasets.Value("int32")],
             "labels": [datasets.Value("int32")],
             "messages": [{"role": string, "content": string}],
+            "full_length": datasets.Value("int32"),
+            "lost_trained": datasets.Value("int32"),
             "error": string,
         }
     )
@@ -166,6 +180,8 @@ def tokenize_split(
         desc=f"tokenize {name}",
     )
     errors = [(r, e) for r, e in zip(encoded["row"], encoded["error"]) if e]
+    if bad_rows is not None:
+        bad_rows.extend(errors)
     if errors:
         first = "; ".join(f"row {r}: {e}" for r, e in errors[:3])
         if on_bad_row == "error":
@@ -177,6 +193,75 @@ def tokenize_split(
     if len(split) > 0 and len(encoded) == 0:
         raise ValueError(f"the {name} split has no usable row left; check the data source")
     return encoded.remove_columns("error")
+
+
+def cut(enc: dict[str, list[int]], max_length: int) -> tuple[dict[str, list[int]], int]:
+    """Right-truncates an encoded conversation to ``max_length`` tokens (labels stay aligned).
+
+    Returns:
+        The cut encoding and how many trained tokens the cut removed.
+
+    Raises:
+        ValueError: ``max_length`` is not positive, or the cut removes every trained token.
+    """
+    if max_length <= 0:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    ids, labels = enc["input_ids"][:max_length], enc["labels"][:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise ValueError(
+            f"max_length={max_length} cuts every trained token of this conversation ({len(ids)} tokens kept); "
+            "raise max_length or drop the row"
+        )
+    lost = sum(label != IGNORE_INDEX for label in enc["labels"][max_length:])
+    return {"input_ids": ids, "labels": labels}, lost
+
+
+def split_stats(split: Any) -> dict[str, Any]:
+    """Token statistics of a tokenized split (see :func:`tokenize_split`), for the truncation warning and the data
+    preview.
+
+    Returns:
+        ``conversations``; token lengths after the cut (``min``, ``median``, ``p95``, ``max``; nearest rank);
+        ``truncated``: conversations the ``max_length`` cut shortened; ``lost_rows``: those of them that lost
+        trained (assistant) tokens, ``lost_tokens``: how many; ``trained_tokens`` and ``tokens`` kept, and
+        ``trained_share`` = trained / all tokens kept.
+    """
+    kept = [len(ids) for ids in split["input_ids"]]
+    lengths = sorted(kept)
+    full, lost = split["full_length"], split["lost_trained"]
+    trained = sum(trained_token_counts(split["labels"]))
+    n = len(lengths)
+    stats: dict[str, Any] = {"conversations": n}
+    if n:
+        stats.update(
+            min=lengths[0],
+            median=lengths[(n - 1) // 2] if n % 2 else (lengths[n // 2 - 1] + lengths[n // 2]) / 2,
+            p95=lengths[math.ceil(0.95 * n) - 1],
+            max=lengths[-1],
+        )
+    tokens = sum(lengths)
+    stats.update(
+        truncated=sum(f > k for f, k in zip(full, kept)),
+        lost_rows=sum(x > 0 for x in lost),
+        lost_tokens=sum(lost),
+        trained_tokens=trained,
+        tokens=tokens,
+        trained_share=trained / tokens if tokens else 0.0,
+    )
+    return stats
+
+
+def truncation_message(name: str, stats: dict[str, Any], max_length: int | None) -> str | None:
+    """One line saying what the ``max_length`` cut removed from a split, or None when it cut nothing."""
+    if not stats["truncated"]:
+        return None
+    lost = stats["lost_tokens"]
+    share = lost / (lost + stats["trained_tokens"]) if lost else 0.0
+    return (
+        f"data.max_length {max_length} cut {stats['truncated']} of {stats['conversations']} {name} conversations; "
+        f"{stats['lost_rows']} of them lost {lost:,} assistant tokens ({share:.1%} of the split's trained tokens). "
+        "Raise data.max_length to train on them"
+    )
 
 
 def trained_token_counts(labels: list[list[int]]) -> list[int]:

@@ -15,10 +15,11 @@ import torch
 
 from capyft import evaluation, generation, reporting
 from capyft.chat import end_of_turn_ids
-from capyft.checkpoints import run_dir
+from capyft.checks import ConfigError
+from capyft.checkpoints import base_model_fingerprint, run_dir
 from capyft.evaluation import BERTScoreSettings
 from capyft.generation import GenerationSettings
-from capyft.levers import disable_cpu_weight_packing
+from capyft.levers import allow_cpu_weight_packing, compile_decoder_layers, restore_unpacked_weights
 from capyft.modeling import (
     build_lora_config,
     build_quantization_config,
@@ -61,6 +62,8 @@ class QLoRAModule(L.LightningModule):
             with a warning on CPU or when missing).
         offload_embeddings: keep the frozen input embedding table in CPU memory (1 GiB saved for Llama-3's 128k
             vocabulary in 16 bits; only the looked-up rows travel). Skipped on CPU or when tied to the output head.
+        compile_layers: regional ``torch.compile`` of each decoder layer (one graph for all layers, dynamic
+            lengths): fewer kernel launches per step; the first step pays ~10-15 s of compiling for an 8B model.
         optimizer: ``adamw`` (torch) or ``paged_adamw_8bit`` (bitsandbytes; GPU).
         learning_rate: peak learning rate (QLoRA: 2e-4).
         weight_decay: AdamW weight decay on the adapter weights.
@@ -72,6 +75,10 @@ class QLoRAModule(L.LightningModule):
         generation: how ``test``/``predict`` answer prompts (``--model.generation.max_new_tokens`` etc.; greedy).
         bertscore: how ``test`` scores answers (``--model.bertscore.model_type`` etc.; roberta-large, layer 17).
         compare_base: ``test`` also answers with the adapter disabled and logs ``test/base_bertscore_*``.
+        val_answers: at each validation during ``fit``, answer this many fixed validation prompts (greedy, at most
+            ``val_answer_tokens`` new tokens) and log prompt, reference and answer to TensorBoard text
+            (``val/answers``), so the curves come with the answers they stand for; 0 turns it off.
+        val_answer_tokens: most new tokens per validation answer.
     """
 
     def __init__(
@@ -92,6 +99,7 @@ class QLoRAModule(L.LightningModule):
         attn_implementation: str = "sdpa_packed",
         liger_kernels: bool = True,
         offload_embeddings: bool = True,
+        compile_layers: bool = False,
         optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw",
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
@@ -102,13 +110,18 @@ class QLoRAModule(L.LightningModule):
         generation: GenerationSettings = GenerationSettings(),  # noqa: B008 (frozen dataclass: safe to share)
         bertscore: BERTScoreSettings = BERTScoreSettings(),  # noqa: B008
         compare_base: bool = False,
+        val_answers: int = 2,
+        val_answer_tokens: int = 64,
     ) -> None:
         super().__init__()
         # Evaluation settings stay out of hparams, hence out of checkpoints: LightningCLI applies a ckpt_path's
         # hparams over the command line, which would undo e.g. `test --model.compare_base true`.
-        self.save_hyperparameters(ignore=["generation", "bertscore", "compare_base"])
+        self.save_hyperparameters(
+            ignore=["generation", "bertscore", "compare_base", "val_answers", "val_answer_tokens"]
+        )
         self.generation, self.bertscore = generation, bertscore
         self.compare_base = compare_base
+        self.val_answers, self.val_answer_tokens = val_answers, val_answer_tokens
         self.model: Any = None
         self.tokenizer: Any = None
         self.strict_loading = False  # checkpoints hold the adapter only, not the frozen base
@@ -116,6 +129,7 @@ class QLoRAModule(L.LightningModule):
         self._step_loss: torch.Tensor | float = 0.0
         self._step_tokens: torch.Tensor | int = 0
         self._step_start: float | None = None
+        self._step_inputs: torch.Tensor | int = 0
 
     # ---- building -------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -149,6 +163,8 @@ class QLoRAModule(L.LightningModule):
             hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.target_modules, hp.use_dora, hp.use_rslora
         )
         self.model = wrap_with_lora(base, lora, hp.gradient_checkpointing)
+        if hp.get("compile_layers"):  # after LoRA, so the adapters are inside the compiled graph
+            compile_decoder_layers(self.model)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
         share = 100 * trainable / total
@@ -187,8 +203,11 @@ class QLoRAModule(L.LightningModule):
             "numpy": _numpy_state_to_plain(np.random.get_state()),
             "python": random.getstate(),
         }
+        # what the adapter was trained on, so a resume can tell a moved base folder from another model
+        checkpoint["base_model"] = base_model_fingerprint(self.model.config if self.model is not None else None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_adapter_fits(checkpoint.get("state_dict") or {})
         states = checkpoint.get("rng_states")
         if states is None:
             return
@@ -198,13 +217,48 @@ class QLoRAModule(L.LightningModule):
         np.random.set_state(_numpy_state_from_plain(states["numpy"]))
         random.setstate(states["python"])
 
+    def _check_adapter_fits(self, saved: dict[str, Any]) -> None:
+        """Refuses a checkpoint whose adapter is not this module's (other target modules, rank or model): with
+        ``strict_loading`` off it would load partly or not at all, silently leaving the base model's behaviour.
+
+        Skipped before the model is built (``load_from_checkpoint``) and under FSDP, whose flattened parameters
+        carry other names and shapes.
+        """
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self.model is None or (self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)):
+            return
+        own = {name: tuple(p.shape) for name, p in self.named_parameters() if p.requires_grad}
+        theirs = {name: tuple(t.shape) for name, t in saved.items()}
+        if own != theirs:
+            sides = f"checkpoint adapter: {describe_adapter(theirs)}; this model: {describe_adapter(own)}"
+            if describe_adapter(theirs) == describe_adapter(own):
+                first = min(set(own.items()) ^ set(theirs.items()))
+                sides += f"; first difference: {first[0]} {list(first[1])}"
+            raise ConfigError(
+                f"ckpt_path: the checkpoint's adapter does not fit this model's ({sides}); set "
+                "--model.target_modules, --model.lora_r and --model.use_dora as the checkpoint was trained, or give "
+                "another --ckpt_path"
+            )
+
     # ---- training -------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed loss over the trained tokens of ``batch`` and their count."""
         return causal_lm_loss_sum(self.model, batch, self.hparams.loss_chunk_size)
 
+    def on_fit_start(self) -> None:
+        self._restore_unpacked_weights()  # after a test or predict stage that stopped on an error
+
     def on_train_start(self) -> None:
         self.model.train()  # Lightning switches the LightningModule, but a model loaded by HF starts in eval mode
+        self._align_log_step = True
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if getattr(self, "_align_log_step", False):
+            # Lightning logs at its count of stepped batches, which a checkpoint saved at an epoch's last batch
+            # restores one short of the optimizer step: log at the optimizer step, as an uninterrupted run does.
+            self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
+            self._align_log_step = False
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self._step_start is None:  # first micro-batch of this optimizer step
@@ -219,6 +273,8 @@ class QLoRAModule(L.LightningModule):
         # the backward kernels (QLoRA steps are launch-bound); the step's metrics sync once, before the update.
         self._step_loss = self._step_loss + loss_sum.detach() / step_tokens
         self._step_tokens = self._step_tokens + n_tokens.detach()
+        mask = batch.get("attention_mask")  # input tokens, padding excluded (a packed row has none)
+        self._step_inputs = self._step_inputs + (mask.sum() if mask is not None else batch["input_ids"].numel())
         return loss_sum / step_tokens * scale
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -238,10 +294,12 @@ class QLoRAModule(L.LightningModule):
         }
         if torch.cuda.is_available():
             metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            metrics["train/peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        metrics["train/input_tokens"] = float(self._step_inputs)  # this rank's, for throughput over whole steps
         self.log_dict(metrics, on_step=True, prog_bar=False, sync_dist=False, batch_size=1)
         bar = {"loss": metrics["train/loss"], "tok/s": metrics["train/tokens_per_sec"]}
         self.log_dict(bar, prog_bar=True, logger=False, batch_size=1)
-        self._step_loss, self._step_tokens, self._step_start = 0.0, 0, None
+        self._step_loss, self._step_tokens, self._step_start, self._step_inputs = 0.0, 0, None, 0
 
     def _reduce_step_metrics(
         self, loss: float, tokens: int, elapsed: float, grad_norm: torch.Tensor
@@ -269,32 +327,104 @@ class QLoRAModule(L.LightningModule):
         n = max(int(n_tokens), 1)
         self.log(MONITOR, loss_sum / n, batch_size=n, prog_bar=True, sync_dist=True)
 
+    def on_validation_start(self) -> None:
+        self._val_start = time.perf_counter()
+
     def on_validation_epoch_end(self) -> None:
-        if self._trainer is not None and self.trainer.training:
-            self.model.train()
+        if self._trainer is None or not self.trainer.training or self.trainer.sanity_checking:
+            return
+        if self.val_answers > 0:
+            self._log_val_answers()
+        self.model.train()
+
+    def on_validation_end(self) -> None:
+        # A validation inside an accumulation window is not training time: keep it out of train/tokens_per_sec.
+        if self._step_start is not None and self._trainer is not None and self.trainer.training:
+            self._step_start += time.perf_counter() - self._val_start
+
+    def _log_val_answers(self) -> None:
+        """Answers the first ``val_answers`` validation prompts and logs them as TensorBoard text at this step."""
+        datamodule = self.trainer.datamodule
+        batch = datamodule.sample_prompts(self.val_answers) if hasattr(datamodule, "sample_prompts") else None
+        if batch is None or not self.trainer.is_global_zero:
+            return
+        settings = GenerationSettings(max_new_tokens=self.val_answer_tokens)
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        answers = generation.generate(self.model, self.tokenizer, ids, mask, settings, end_of_turn_ids(self.tokenizer))
+        records = [
+            {"row": row, "prompt": prompt, "reference": reference, "prediction": answer.text}
+            for row, prompt, reference, answer in zip(batch["row"], batch["prompt"], batch["reference"], answers)
+        ]
+        reporting.log_text(self.loggers, "val/answers", reporting.examples_markdown(records), self.trainer.global_step)
 
     # ---- test hook: generation + BERTScore (see capyft.evaluation) -----------------------------------------
     _scorer: Any = None  # bert_score.BERTScorer, loaded on the first test and kept
     _gen_tokens, _gen_seconds = 0, 0.0  # generated tokens and time spent generating, this rank
 
+    # 4-bit layers bitsandbytes may pack for fast CPU inference during test / predict, restored when the stage ends
+    _unpacked: list[Any] = []
+
     def on_test_start(self) -> None:
-        # No training follows in this process: let bitsandbytes use its fast CPU inference format.
-        disable_cpu_weight_packing(self.model, disable=False)
+        self._load_scorer()  # first: a failure here must leave no packed layer behind
+        self._unpacked = allow_cpu_weight_packing(self.model)
+
+    def on_test_end(self) -> None:
+        self._restore_unpacked_weights()
+
+    def _restore_unpacked_weights(self) -> None:
+        """Leaves no packed 4-bit layer behind a test or predict stage: a fit in the same process would lose the
+        gradients through it (see capyft.levers.disable_cpu_weight_packing)."""
+        packed = restore_unpacked_weights(self._unpacked)
+        self._unpacked = []
+        if packed:
+            log.debug("restored %d 4-bit layers bitsandbytes had packed for CPU inference", packed)
+
+    def _load_scorer(self) -> None:
+        """Loads the BERTScore encoder before any answer is generated, so that a scorer that cannot load (e.g.
+        roberta-large offline) stops ``test`` in one line at the start, not after all the generation. Rank 0 scores;
+        every rank raises its error."""
+        error = None
+        if self.trainer.is_global_zero and self._scorer is None:
+            try:
+                self._scorer = evaluation.load_scorer(self.bertscore, self.device)
+            except ConfigError as err:
+                error = str(err)
+        error = self.trainer.strategy.broadcast(error)
+        if error:
+            raise ConfigError(error)
 
     def on_predict_start(self) -> None:
-        disable_cpu_weight_packing(self.model, disable=False)
+        self._unpacked = allow_cpu_weight_packing(self.model)
+
+    def on_predict_end(self) -> None:
+        self._restore_unpacked_weights()
 
     def on_test_epoch_start(self) -> None:
         self._records: list[dict[str, Any]] = []
         self._gen_tokens, self._gen_seconds = 0, 0.0
 
+    def on_predict_epoch_start(self) -> None:
+        self.on_test_epoch_start()
+
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._records.extend(self.predict_step(batch, batch_idx))
+        self._records.extend(self._answer(batch))
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Answers a batch of prompts (and, with ``compare_base``, answers again with the adapter disabled)."""
+        records = self._answer(batch)
+        self._records.extend(records)
+        return records
+
+    def on_predict_epoch_end(self) -> None:
+        """Writes the answers, unscored, to ``<run>/predict-<checkpoint>/predictions.jsonl`` (rank 0)."""
+        records = evaluation.gather_records(self._records)  # every rank's answers, in test-set order
+        if self.trainer.is_global_zero:
+            out = reporting.output_dir(run_dir(self.trainer), "predict", self.trainer.ckpt_path, self.global_step)
+            log.info("predict: %d answers written to %s", len(records), reporting.write_predictions(out, records))
+
+    def _answer(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
         args = (self.tokenizer, batch["input_ids"], batch["attention_mask"], self.generation)
-        stops, seed = end_of_turn_ids(self.tokenizer), self.generation.seed + min(batch["row"])
+        stops, seed = generation.stop_ids(self.tokenizer, self.model), self.generation.seed + min(batch["row"])
         start = time.perf_counter()
         tuned = generation.generate(self.model, *args, stops, seed)
         base: list[Any] = [None] * len(tuned)
@@ -323,28 +453,34 @@ class QLoRAModule(L.LightningModule):
         self.log_dict(metrics, batch_size=len(records))
 
     def _score_and_report(self, records: list[dict[str, Any]], rate: float) -> dict[str, float]:
-        if self._scorer is None:
-            self._scorer = evaluation.load_scorer(self.bertscore, self.device)
-        records, metrics = evaluation.evaluate(records, self._scorer, self.bertscore)
+        out = reporting.output_dir(run_dir(self.trainer), "test", self.trainer.ckpt_path, self.global_step)
+        predictions = reporting.write_predictions(out, records)  # before scoring: no generated answer is lost
+        records, metrics, comparisons = evaluation.evaluate(records, self._scorer, self.bertscore)
         metrics["test/gen_tokens_per_sec"] = rate
         metrics["test/gen_stopped_frac"] = sum(r["stopped"] for r in records) / len(records)  # ended at end-of-turn
+        paired = reporting.paired_summary(comparisons)
         info = {
             "bertscore_hash": evaluation.score_hash(self._scorer, self.bertscore),
             "num_examples": len(records),
             "ckpt_path": self.trainer.ckpt_path,
+            "paired": {name: c.as_dict() for name, c in comparisons.items()} | ({"summary": paired} if paired else {}),
             **reporting.settings_dict(self.generation, self.bertscore),
         }
-        predictions, summary = reporting.write_outputs(run_dir(self.trainer), records, metrics, info)
+        reporting.write_predictions(out, records)  # now with the scores
+        summary = reporting.write_metrics(out, metrics, info)
         step = self.trainer.global_step
         for logger in self.loggers:
             experiment = logger.experiment
             if hasattr(experiment, "add_text"):  # TensorBoard
                 experiment.add_text("test/examples", reporting.examples_markdown(records), step)
-                for prefix in ("", "base_"):
-                    if f"{prefix}f1" in records[0]:
-                        f1 = np.array([r[f"{prefix}f1"] for r in records])
-                        experiment.add_histogram(f"test/{prefix}bertscore_f1_per_example", f1, step)
-        reporting.print_summary(metrics, info["bertscore_hash"], [predictions, summary])
+                if paired:
+                    experiment.add_text("test/paired", "\n\n".join(paired), step)
+                tags = {"f1": "bertscore_f1", "base_f1": "base_bertscore_f1", "f1_delta": "bertscore_f1_delta"}
+                for key, tag in tags.items():
+                    if key in records[0]:
+                        values = np.array([r[key] for r in records])
+                        experiment.add_histogram(f"test/{tag}_per_example", values, step)
+        reporting.print_summary(metrics, info["bertscore_hash"], [predictions, summary], comparisons)
         return metrics
 
     # ---- optimizer ------------------------------------------------------------------------------------------
@@ -369,6 +505,23 @@ class QLoRAModule(L.LightningModule):
         self.model.save_pretrained(str(directory))
         self.tokenizer.save_pretrained(str(directory))
         return directory
+
+
+def describe_adapter(shapes: dict[str, tuple[int, ...]]) -> str:
+    """``q_proj,v_proj r=8, 2 layers, 8 tensors`` for a LoRA state dict's ``{name: shape}`` (PEFT's names).
+
+    Args:
+        shapes: parameter names as ``QLoRAModule`` holds them (``...layers.0.self_attn.q_proj.lora_A.default.weight``)
+            and their shapes.
+    """
+    if not shapes:
+        return "no adapter weights"
+    targets = sorted({name.split(".lora_")[0].rsplit(".", 1)[-1] for name in shapes if ".lora_" in name})
+    ranks = sorted({shape[0] for name, shape in shapes.items() if ".lora_A." in name})
+    layers = {name.split(".layers.")[1].split(".")[0] for name in shapes if ".layers." in name}
+    dora = " DoRA" if any("lora_magnitude_vector" in name for name in shapes) else ""
+    rank = "r=" + "/".join(map(str, ranks)) if ranks else "no rank"
+    return f"{','.join(targets) or 'no LoRA layer'} {rank}{dora}, {len(layers)} layers, {len(shapes)} tensors"
 
 
 def _numpy_state_to_plain(state: tuple) -> dict[str, Any]:

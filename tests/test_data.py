@@ -4,6 +4,7 @@ import copy
 import json
 import logging
 import random
+import re
 
 import datasets
 import pytest
@@ -15,8 +16,10 @@ from capyft.data import (
     ChatCollator,
     StepBatchSampler,
     TaggedDataset,
+    cut,
     load_source,
     split_source,
+    split_stats,
     to_messages,
     tokenize_split,
     trained_token_counts,
@@ -210,12 +213,15 @@ def test_skip_drops_exactly_the_bad_rows(sample_rows, strict_tokenizer, caplog):
     bad_at |= {10: "empty content", 11: "no assistant turn", 15: "late system message", 19: "template refuses it"}
     bad_at |= {21: "opens with the assistant", 25: "trained tokens all cut"}
     split = with_bad_rows(sample_rows, bad_at)
+    bad_rows = []
     with caplog.at_level(logging.WARNING, logger="capyft.data"):
-        kept = tokenize_split(split, strict_tokenizer, "train", MAX_LENGTH, on_bad_row="skip")
+        kept = tokenize_split(split, strict_tokenizer, "train", MAX_LENGTH, on_bad_row="skip", bad_rows=bad_rows)
     assert kept["row"] == [i for i in range(26) if i not in bad_at]
+    assert [row for row, _ in bad_rows] == sorted(bad_at)  # every bad row, for the data preview to list
+    assert all(re.search(BAD_ROWS[bad_at[row]][1], error) for row, error in bad_rows)
     assert kept["messages"] == [row["messages"] for row in sample_rows]
     assert "skipped 10 bad row(s) of 26 in the train split" in caplog.text
-    assert set(kept.column_names) == {"row", "input_ids", "labels", "messages"}
+    assert set(kept.column_names) == {"row", "input_ids", "labels", "messages", "full_length", "lost_trained"}
     reference = encode_conversation(sample_rows[5]["messages"], strict_tokenizer, MAX_LENGTH)
     assert kept[5]["input_ids"] == reference["input_ids"] and kept[5]["labels"] == reference["labels"]
 
@@ -393,3 +399,48 @@ def test_skip_survives_a_first_writer_batch_of_only_bad_rows(smollm2_tokenizer):
     kept = tokenize_split(split, smollm2_tokenizer, "train", None, on_bad_row="skip")
     assert kept["row"] == [1000, 1001]
     assert kept[0]["labels"][-3:] == [*smollm2_tokenizer.convert_tokens_to_ids(["Hello", "<|im_end|>"]), IGNORE_INDEX]
+
+
+# ---- max_length cut and split statistics
+
+
+def test_cut_counts_the_trained_tokens_it_removes():
+    enc = {"input_ids": [1, 2, 3, 4, 5, 6], "labels": [IGNORE_INDEX, IGNORE_INDEX, 3, 4, IGNORE_INDEX, 6]}
+    assert cut(enc, 4) == ({"input_ids": [1, 2, 3, 4], "labels": [IGNORE_INDEX, IGNORE_INDEX, 3, 4]}, 1)
+    assert cut(enc, 5)[1] == 1 and cut(enc, 3)[1] == 2
+    with pytest.raises(ValueError, match=r"max_length=2 cuts every trained token of this conversation \(2 tokens"):
+        cut(enc, 2)
+    with pytest.raises(ValueError, match="max_length must be positive, got 0"):
+        cut(enc, 0)
+
+
+def test_split_stats_on_a_tokenized_split(sample_rows, smollm2_tokenizer):
+    rows = sample_rows[:5]
+    split = split_source(datasets.DatasetDict(train=datasets.Dataset.from_list(rows)), None, 0, 0)["train"]
+    stats = split_stats(tokenize_split(split, smollm2_tokenizer, "train", 800))
+    full = [encode_conversation(row["messages"], smollm2_tokenizer) for row in rows]  # 1116, 707, 915, 811, 915
+    lengths = sorted(min(len(e["input_ids"]), 800) for e in full)
+    lost = [sum(label != IGNORE_INDEX for label in e["labels"][800:]) for e in full]
+    trained = sum(sum(label != IGNORE_INDEX for label in e["labels"][1:800]) for e in full)
+    assert stats == {
+        "conversations": 5,
+        "min": 707,
+        "median": 800,
+        "p95": 800,
+        "max": 800,
+        "truncated": 4,
+        "lost_rows": 4,
+        "lost_tokens": sum(lost),
+        "trained_tokens": trained,
+        "tokens": sum(lengths),
+        "trained_share": trained / sum(lengths),
+    }
+    assert lengths == [707, 800, 800, 800, 800] and sum(x > 0 for x in lost) == 4
+
+
+def test_load_source_names_a_malformed_jsonl_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    lines = SAMPLE_DATA.read_text(encoding="utf-8").splitlines()
+    path.write_text("\n".join(lines[:3] + ["{not json"] + lines[3:]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"data.source: {path} line 4 is not valid JSON"):
+        load_source(path)

@@ -162,3 +162,36 @@ def test_max_length_does_not_drop_test_rows(llama3_tokenizer):
     batch = next(iter(data.test_dataloader()))
     assert sorted(batch["row"]) == [0, 1, 2, 3]
     assert batch["attention_mask"][batch["row"].index(0)].sum() > 512  # the prompt is whole
+
+
+def test_truncation_is_reported_once_per_split(smollm2_tokenizer, sample_rows, caplog):
+    import logging
+
+    max_length = 800  # cuts 7 of the 8 training conversations and 2 of the 4 validation ones
+    with caplog.at_level(logging.WARNING, logger="capyft.datamodule"):
+        data = make(assets.smollm2_dir(), smollm2_tokenizer, max_length=max_length)
+    expected = []
+    for name, rows in (("train", sample_rows[:8]), ("val", sample_rows[8:12])):
+        labels = [encode_conversation(row["messages"], smollm2_tokenizer)["labels"] for row in rows]
+        cut = [seq for seq in labels if len(seq) > max_length]
+        lost = [sum(label != IGNORE_INDEX for label in seq[max_length:]) for seq in cut]
+        kept = sum(sum(label != IGNORE_INDEX for label in seq[1:max_length]) for seq in labels)
+        stats = data.stats[name]
+        assert (stats["truncated"], stats["lost_rows"], stats["lost_tokens"]) == (len(cut), len(lost), sum(lost))
+        assert stats["trained_tokens"] == kept
+        expected.append(
+            f"data.max_length {max_length} cut {len(cut)} of {len(rows)} {name} conversations; {len(lost)} of them "
+            f"lost {sum(lost):,} assistant tokens ({sum(lost) / (sum(lost) + kept):.1%} of the split's trained "
+            "tokens). Raise data.max_length to train on them"
+        )
+    assert [data.stats[name]["truncated"] for name in ("train", "val", "test")] == [7, 2, 0]  # test prompts: whole
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == expected
+
+
+def test_no_cut_no_warning(smollm2_tokenizer, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="capyft.datamodule"):
+        data = make(assets.smollm2_dir(), smollm2_tokenizer, max_length=2048)
+    assert data.stats["train"]["truncated"] == 0 and data.stats["train"]["lost_tokens"] == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
