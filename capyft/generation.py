@@ -6,6 +6,7 @@ the newly generated tokens only, cut at the first end-of-turn or end-of-sequence
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,7 @@ def generate(
     settings: GenerationSettings,
     stop_ids: list[int],
     seed: int = 0,
+    streamer: Any = None,
 ) -> list[Generated]:
     """Answers a batch of left-padded prompts with the KV cache; one :class:`Generated` per row, in row order.
 
@@ -69,8 +71,10 @@ def generate(
         input_ids: ``(batch, length)`` prompts, padded on the left.
         attention_mask: 1 on prompt tokens, 0 on padding.
         settings: decoding settings.
-        stop_ids: end-of-turn and eos ids (:func:`capyft.chat.end_of_turn_ids`).
+        stop_ids: the ids that end an answer (:func:`stop_ids`).
         seed: seeds sampling (ignored when greedy); the global RNG state is restored afterwards.
+        streamer: a transformers streamer (e.g. ``TextStreamer``) that receives the tokens as they are generated
+            (batch of one; ``chat`` prints the answer with it).
 
     Raises:
         ValueError: the prompts are padded on the right, or ``max_new_tokens`` is not positive.
@@ -86,7 +90,7 @@ def generate(
     model.eval()
     devices = [input_ids.device] if input_ids.device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), _autocast(model, input_ids.device):
             torch.manual_seed(seed)
             output = model.generate(
                 input_ids=input_ids,
@@ -97,11 +101,40 @@ def generate(
                 eos_token_id=list(stop_ids),
                 pad_token_id=tokenizer.pad_token_id,
                 use_cache=True,
+                streamer=streamer,
                 **sampling,
             )
     finally:
         model.train(was_training)
     return [cut_at_stop(tokenizer, row, stop_ids) for row in output[:, input_ids.shape[1] :].tolist()]
+
+
+def _autocast(model: Any, device: torch.device) -> Any:
+    """Autocast to the model's 16-bit compute dtype on CUDA: the LoRA weights are float32, and without it every
+    adapter matmul casts its input up and its output down (those casts dominated a profile of 8B generation on an
+    H200). A no-op on CPU and for float32 models."""
+    dtype = getattr(model.config, "dtype", None)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def stop_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """The ids that end an answer: the chat template's end-of-turn and eos (:func:`capyft.chat.end_of_turn_ids`)
+    plus the model's own end ids (``model.generation_config.eos_token_id``, an int or a list).
+
+    Llama-3.1 lists ``<|end_of_text|>`` (128001), ``<|eom_id|>`` (128008) and ``<|eot_id|>`` (128009) in its generation
+    config; the template alone gives only ``<|eot_id|>``, so an answer that ends in ``<|eom_id|>`` would run on to
+    ``max_new_tokens``. ``test``, ``predict`` and ``chat`` all stop with this list.
+    """
+    from capyft.chat import end_of_turn_ids
+
+    ids = set(end_of_turn_ids(tokenizer))
+    config = getattr(model, "generation_config", None) if model is not None else None
+    own = getattr(config, "eos_token_id", None)
+    ids.update(own if isinstance(own, (list, tuple)) else [own] if own is not None else [])
+    return sorted(int(i) for i in ids)
 
 
 def cut_at_stop(tokenizer: Any, ids: list[int], stop_ids: list[int]) -> Generated:

@@ -14,9 +14,8 @@ import numpy as np
 import torch
 
 from capyft import evaluation, generation, reporting
-from capyft.chat import end_of_turn_ids
-from capyft.checks import ConfigError
 from capyft.checkpoints import base_model_fingerprint, run_dir
+from capyft.checks import ConfigError
 from capyft.evaluation import BERTScoreSettings
 from capyft.generation import GenerationSettings
 from capyft.levers import allow_cpu_weight_packing, compile_decoder_layers, restore_unpacked_weights
@@ -331,15 +330,14 @@ class QLoRAModule(L.LightningModule):
         self._val_start = time.perf_counter()
 
     def on_validation_epoch_end(self) -> None:
-        if self._trainer is None or not self.trainer.training or self.trainer.sanity_checking:
+        if self._trainer is None or self.trainer.state.fn != "fit" or self.trainer.sanity_checking:
             return
         if self.val_answers > 0:
             self._log_val_answers()
-        self.model.train()
 
     def on_validation_end(self) -> None:
         # A validation inside an accumulation window is not training time: keep it out of train/tokens_per_sec.
-        if self._step_start is not None and self._trainer is not None and self.trainer.training:
+        if self._step_start is not None and self._trainer is not None and self.trainer.state.fn == "fit":
             self._step_start += time.perf_counter() - self._val_start
 
     def _log_val_answers(self) -> None:
@@ -350,7 +348,9 @@ class QLoRAModule(L.LightningModule):
             return
         settings = GenerationSettings(max_new_tokens=self.val_answer_tokens)
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        answers = generation.generate(self.model, self.tokenizer, ids, mask, settings, end_of_turn_ids(self.tokenizer))
+        answers = generation.generate(
+            self.model, self.tokenizer, ids, mask, settings, generation.stop_ids(self.tokenizer, self.model)
+        )
         records = [
             {"row": row, "prompt": prompt, "reference": reference, "prediction": answer.text}
             for row, prompt, reference, answer in zip(batch["row"], batch["prompt"], batch["reference"], answers)

@@ -44,3 +44,13 @@ def tiny_model(tmp_path_factory):
     from capyft.tiny import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", assets.smollm2_dir())
+
+
+@pytest.fixture(scope="session")
+def color_words(tmp_path_factory):
+    """12 one-turn conversations, "Say red" -> "red": a set a tiny model learns in a few steps (a ``.jsonl``)."""
+    words = ["red", "green", "blue", "amber", "violet", "black", "white", "olive", "teal", "pink", "gold", "gray"]
+    path = tmp_path_factory.mktemp("colors") / "colors.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}]} for w in words]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

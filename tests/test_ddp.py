@@ -186,14 +186,14 @@ def test_ddp_test_predictions_complete_and_in_order(runs, tiny_model, toy_rows):
         "--model.bertscore.num_layers=6",
         "--model.generation.max_new_tokens=4",
     )
-    records = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "test-last" / "predictions.jsonl").read_text().splitlines()]
     assert [r["row"] for r in records] == [9, 10, 11]  # after 8 train and 1 val rows
     for record in records:
         expected = rows[record["row"]]["messages"]
         assert record["reference"] == expected[-1]["content"]
         assert record["prompt"][-1]["content"] == expected[0]["content"]
         assert isinstance(record["prediction"], str) and "f1" in record
-    summary = json.loads((run / "test_metrics.json").read_text())
+    summary = json.loads((run / "test-last" / "test_metrics.json").read_text())
     assert summary["num_examples"] == 3
 
 

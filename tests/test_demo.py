@@ -50,7 +50,7 @@ def test_demo_config_fits_tests_and_resumes(tmp_path):
             "--trainer.enable_progress_bar=false",
         ]
     )
-    rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "test-last" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["prediction"] and r["base_prediction"] for r in rows)
-    metrics = json.loads((run / "test_metrics.json").read_text())
+    metrics = json.loads((run / "test-last" / "test_metrics.json").read_text())
     assert 0 < metrics["test/bertscore_f1"] <= 1 and 0 < metrics["test/base_bertscore_f1"] <= 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from capyft import evaluation
 from capyft.assets import minilm_dir, smollm2_dir
 from capyft.chat import encode_prompt, end_of_turn_ids
-from capyft.cli import main
+from capyft.cli import main, run
 from capyft.datamodule import PromptCollator
 from capyft.evaluation import BERTScoreSettings
 from capyft.generation import GenerationSettings, generate
@@ -201,11 +202,90 @@ def test_evaluate_adds_per_example_scores_base_and_delta(scorer):
         {"row": 0, "reference": "The sky is blue.", "prediction": "The sky is blue.", "base_prediction": "zebra"},
         {"row": 1, "reference": "Water boils at 100 C.", "prediction": "Water boils.", "base_prediction": "qq"},
     ]
-    records, metrics = evaluation.evaluate(records, scorer, MINILM)
+    records, metrics, comparisons = evaluation.evaluate(records, scorer, MINILM)
     assert records[0]["f1"] == pytest.approx(1.0, abs=1e-5) and records[0]["base_f1"] < 0.9
     assert metrics["test/bertscore_f1"] == pytest.approx((records[0]["f1"] + records[1]["f1"]) / 2)
     delta = metrics["test/bertscore_f1"] - metrics["test/base_bertscore_f1"]
     assert metrics["test/bertscore_f1_delta"] == pytest.approx(delta) and delta > 0
+    for record in records:  # each record carries both scores and their difference
+        for name in ("f1", "precision", "recall"):
+            assert record[f"{name}_delta"] == pytest.approx(record[name] - record[f"base_{name}"])
+    assert set(comparisons) == {"f1", "precision", "recall"}
+    assert (metrics["test/bertscore_f1_wins"], metrics["test/bertscore_f1_losses"]) == (2.0, 0.0)
+    assert metrics["test/bertscore_f1_sign_test_p"] == pytest.approx(0.5)  # 2 of 2: 2 x (1/2)^2
+    assert metrics["test/bertscore_f1_delta_ci_low"] == comparisons["f1"].ci_low > 0
+
+
+def test_empty_answers_score_zero_without_crashing(scorer):
+    """bert-score 0.3.13 under transformers 5 raises AttributeError on an empty candidate; capyft scores it 0."""
+    scores = evaluation.score(scorer, MINILM, ["", "  ", "a cat"], ["a cat", "a cat", "a cat"])
+    assert scores["f1"][:2] == [0.0, 0.0] and scores["precision"][:2] == [0.0, 0.0]
+    assert scores["recall"][:2] == [0.0, 0.0]
+    assert scores["f1"][2] == pytest.approx(1.0, abs=1e-5)
+    idf = BERTScoreSettings(model_type=MINILM.model_type, num_layers=6, idf=True)
+    assert evaluation.score(evaluation.load_scorer(idf), idf, ["", "a dog"], ["a cat", "a cat"])["f1"][0] == 0.0
+    assert evaluation.score(scorer, MINILM, ["", " "], ["a", "b"]) == {
+        "precision": [0.0, 0.0],
+        "recall": [0.0, 0.0],
+        "f1": [0.0, 0.0],
+    }
+
+
+def tiny_roberta(path: Path) -> Path:
+    """A RoBERTa-style byte-level BPE tokenizer and a 2-layer random RobertaModel whose token vectors ignore context.
+
+    Position embeddings, attention outputs and feed-forward outputs are zero, so every layer returns a LayerNorm of
+    the token's own embedding: a token scores 1.0 against the same token anywhere, and any other token less.
+    """
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
+
+    path.mkdir(parents=True)
+    bpe = ByteLevelBPETokenizer()
+    corpus = ["the cat sat on the mat", "cat and dog", "a dog sat", "sat the cat"] * 10
+    bpe.train_from_iterator(corpus, vocab_size=300, min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
+    bpe.save_model(str(path))
+    tokenizer = RobertaTokenizer(
+        vocab=str(path / "vocab.json"), merges=str(path / "merges.txt"), mask_token="<unk>", model_max_length=64
+    )
+    tokenizer.save_pretrained(path)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        type_vocab_size=1,
+    )
+    torch.manual_seed(0)
+    model = RobertaModel(config)
+    with torch.no_grad():
+        model.embeddings.position_embeddings.weight.zero_()
+        for layer in model.encoder.layer:
+            for dense in (layer.attention.output.dense, layer.output.dense):
+                dense.weight.zero_()
+                dense.bias.zero_()
+    model.save_pretrained(path)
+    return path
+
+
+def test_roberta_first_word_gets_its_space_prefixed_token(tmp_path):
+    """bert-score 0.3.13 asks for add_prefix_space=True, which transformers 5 ignores; capyft restores it."""
+    from bert_score.utils import sent_encode
+
+    settings = BERTScoreSettings(model_type=str(tiny_roberta(tmp_path / "roberta")), num_layers=2)
+    scorer = evaluation.load_scorer(settings)
+    tokenizer = scorer._tokenizer
+    spaced, bare = tokenizer.convert_tokens_to_ids(["Ġcat", "cat"])
+    assert spaced != bare and tokenizer.unk_token_id not in (spaced, bare)
+    assert sent_encode(tokenizer, "cat sat")[1:-1] == tokenizer.convert_tokens_to_ids(["Ġcat", "Ġsat"])
+    # the score path: "cat sat" is two tokens of "the cat sat", so its precision is exactly 1 (0.76 without the fix)
+    scores = evaluation.score(scorer, settings, ["cat sat", "the cat sat"], ["the cat sat", "cat sat"])
+    assert scores["precision"][0] == pytest.approx(1.0, abs=1e-5)
+    assert scores["recall"][1] == pytest.approx(1.0, abs=1e-5)
+    assert evaluation.score_hash(scorer, settings).startswith(settings.model_type + "_L2_no-idf_version=0.3.12")
 
 
 def test_gather_records_in_one_process_sorts_by_row_and_drops_repeats():
@@ -296,18 +376,19 @@ def test_fine_tuned_beats_base_in_one_test_run(tmp_path, tiny_dir):
     )
     assert Path(test.trainer.log_dir) == run  # the test run writes into the run it evaluates
     logged = {k: float(v) for k, v in test.trainer.callback_metrics.items()}
-    saved = json.loads((run / "test_metrics.json").read_text())
+    saved = json.loads((run / "test-last" / "test_metrics.json").read_text())
     assert logged["test/bertscore_f1"] > logged["test/base_bertscore_f1"] + 0.2
     assert logged["test/bertscore_f1_delta"] == pytest.approx(saved["test/bertscore_f1_delta"])
     assert logged["test/gen_tokens_per_sec"] > 0
     assert saved["bertscore_hash"].startswith(MINILM.model_type) and saved["num_examples"] == 4
 
-    records = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "test-last" / "predictions.jsonl").read_text().splitlines()]
     assert [r["row"] for r in records] == [26, 27, 28, 29]  # the 4 rows after train (24) and val (2), in order
     for record in records:
         assert record["reference"] == f"The colour is {record['prompt'][-1]['content'].split()[-1]}."
         assert record["prediction"] != record["base_prediction"]
         assert {"f1", "precision", "recall", "base_f1", "base_precision", "base_recall"} <= set(record)
+        assert record["f1_delta"] == pytest.approx(record["f1"] - record["base_f1"])
         for leak in ("Name the colour", "SmolLM", "<|im_", "assistant"):
             assert leak not in record["prediction"]
     assert sum(r["stopped"] for r in records) > 0  # the fine-tuned model learned to end its turn
@@ -317,3 +398,158 @@ def test_fine_tuned_beats_base_in_one_test_run(tmp_path, tiny_dir):
     assert "test/bertscore_f1_per_example" in events.Tags()["histograms"]
     assert "test/base_bertscore_f1_per_example" in events.Tags()["histograms"]
     assert any("test/examples" in tag for tag in events.Tags()["tensors"])
+
+    # the paired comparison: in test_metrics.json, in the logged metrics and in TensorBoard (scalars and text)
+    wins, ties, losses = (saved[f"test/bertscore_f1_{k}"] for k in ("wins", "ties", "losses"))
+    deltas = [r["f1_delta"] for r in records]
+    assert (wins, losses) == (sum(d > 0.005 for d in deltas), sum(d < -0.005 for d in deltas)) and wins >= 3
+    assert wins + ties + losses == 4
+    assert saved["test/bertscore_f1_delta_ci_low"] > 0  # 4 large gains: the interval excludes zero
+    assert saved["paired"]["f1"]["shown"] and "fine-tuned scores higher" in saved["paired"]["summary"][0]
+    assert logged["test/bertscore_f1_sign_test_p"] == pytest.approx(saved["test/bertscore_f1_sign_test_p"])
+    assert "test/bertscore_f1_delta_ci_high" in events.Tags()["scalars"]
+    assert any("test/paired" in tag for tag in events.Tags()["tensors"])
+    assert "test/bertscore_f1_delta_per_example" in events.Tags()["histograms"]
+
+
+# ---- test / predict through the CLI on a short tiny run: outputs kept, scorer checked first, stop ids ----------
+@pytest.fixture(scope="module")
+def fitted_run(tmp_path_factory, tiny_dir) -> Path:
+    """A 2-step tiny run with ``last.ckpt`` (the toy data: 24 train, 2 val, 4 test rows)."""
+    tmp = tmp_path_factory.mktemp("fitted")
+    fit = main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs" / "tiny.yaml"),
+            f"--model.model_name_or_path={tiny_dir}",
+            f"--data.source={toy_data(tmp / 'toy.jsonl')}",
+            "--data.train_size=24",
+            "--data.val_size=2",
+            "--data.test_size=4",
+            f"--trainer.logger.init_args.save_dir={tmp / 'runs'}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.max_steps=2",
+            "--trainer.limit_val_batches=0",
+        ]
+    )
+    return Path(fit.trainer.log_dir)
+
+
+def folders(run: Path) -> set[Path]:
+    return {p for p in run.iterdir() if p.is_dir()}
+
+
+def evaluate_run(run: Path, subcommand: str, *extra: str) -> Any:
+    return main(
+        [
+            subcommand,
+            "--config",
+            str(run / "config.yaml"),
+            f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+            "--model.generation.max_new_tokens=4",
+            "--trainer.enable_progress_bar=false",
+            *extra,
+        ]
+    )
+
+
+def test_predict_writes_the_answers_to_the_run_dir(fitted_run):
+    before = folders(fitted_run)
+    predicted = evaluate_run(fitted_run, "predict")
+    (out,) = folders(fitted_run) - before
+    assert out.name == "predict-last" and [p.name for p in out.iterdir()] == ["predictions.jsonl"]
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    returned = [r for batch in predicted.trainer.predict_loop.predictions for r in batch]
+    assert records == returned and [r["row"] for r in records] == [26, 27, 28, 29]
+    assert all(isinstance(r["prediction"], str) and "f1" not in r for r in records)
+    evaluate_run(fitted_run, "predict")
+    assert (fitted_run / "predict-last-2" / "predictions.jsonl").read_text() == (out / "predictions.jsonl").read_text()
+
+
+def test_a_second_test_keeps_the_first_ones_outputs(fitted_run):
+    minilm = (f"--model.bertscore.model_type={MINILM.model_type}", "--model.bertscore.num_layers=6")
+    before = folders(fitted_run)
+    evaluate_run(fitted_run, "test", *minilm)
+    (first,) = folders(fitted_run) - before
+    kept = {name: (first / name).read_text() for name in ("predictions.jsonl", "test_metrics.json")}
+    evaluate_run(fitted_run, "test", *minilm, "--model.generation.max_new_tokens=2")
+    (second,) = folders(fitted_run) - before - {first}
+    assert (first.name, second.name) == ("test-last", "test-last-2")
+    assert {name: (first / name).read_text() for name in kept} == kept  # untouched
+    metrics = [json.loads((d / "test_metrics.json").read_text()) for d in (first, second)]
+    assert [m["generation"]["max_new_tokens"] for m in metrics] == [4, 2]
+    assert all(m["ckpt_path"] == str(fitted_run / "checkpoints" / "last.ckpt") for m in metrics)
+
+
+def test_a_scorer_that_cannot_load_stops_test_before_any_generation(fitted_run, monkeypatch):
+    """roberta-large offline: one line naming the keys and the shipped encoder, before a single answer."""
+    from capyft import generation
+    from capyft.checks import ConfigError
+
+    calls = []
+    monkeypatch.setattr(generation, "generate", lambda *args, **kwargs: calls.append(1))
+    before = folders(fitted_run)
+    with pytest.raises(ConfigError) as error:
+        evaluate_run(fitted_run, "test", "--model.bertscore.model_type=roberta-large")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("model.bertscore.model_type: cannot load the BERTScore encoder")
+    assert f"--model.bertscore.model_type {minilm_dir()} --model.bertscore.num_layers 6" in message
+    assert calls == [] and folders(fitted_run) == before
+    args = [
+        "test",
+        "--config",
+        str(fitted_run / "config.yaml"),
+        "--ckpt_path=last",
+        "--trainer.enable_progress_bar=false",
+    ]
+    assert run([*args, "--model.bertscore.model_type=roberta-large"]) == 2  # `python -m capyft`: one line, status 2
+
+
+def test_answers_are_written_before_scoring(fitted_run, monkeypatch):
+    """A scoring failure after generation leaves every answer on disk."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("scoring failed")
+
+    monkeypatch.setattr(evaluation, "score", broken)
+    before = folders(fitted_run)
+    minilm = (f"--model.bertscore.model_type={MINILM.model_type}", "--model.bertscore.num_layers=6")
+    with pytest.raises(RuntimeError, match="scoring failed"):
+        evaluate_run(fitted_run, "test", *minilm, "--model.compare_base=true")
+    (out,) = folders(fitted_run) - before
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in records] == [26, 27, 28, 29] and not (out / "test_metrics.json").exists()
+    assert all(isinstance(r["prediction"], str) and isinstance(r["base_prediction"], str) for r in records)
+
+
+def test_stop_ids_add_the_models_own_end_ids(llama3_tokenizer, tiny_dir, tokenizer):
+    """Llama-3.1 lists <|end_of_text|>, <|eom_id|> and <|eot_id|> as its end ids; the template gives <|eot_id|>."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from capyft.conversation import ChatSession
+    from capyft.generation import stop_ids
+
+    assert end_of_turn_ids(llama3_tokenizer) == [128009]
+    llama = SimpleNamespace(generation_config=GenerationConfig(eos_token_id=[128001, 128008, 128009]))
+    assert stop_ids(llama3_tokenizer, llama) == [128001, 128008, 128009]
+    assert stop_ids(llama3_tokenizer, SimpleNamespace(generation_config=GenerationConfig(eos_token_id=128008))) == [
+        128008,
+        128009,
+    ]
+    assert stop_ids(llama3_tokenizer) == [128009]
+    chat = ChatSession(llama, llama3_tokenizer, GenerationSettings(), max_context=4096)
+    assert chat.stop_ids == [128001, 128008, 128009]
+
+    # generation ends at a token only the model's generation config names (as <|eom_id|> for Llama-3.1)
+    batch = batch_of(PROMPTS[:1], tokenizer)
+    newline, eom = int(batch["input_ids"][0, -1]), tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    red, green = tokenizer.encode(" red green", add_special_tokens=False)
+    model = chain_model(tiny_dir, [newline, red, eom, green])
+    model.generation_config.eos_token_id = [eom]
+    assert eom not in end_of_turn_ids(tokenizer)
+    settings = GenerationSettings(max_new_tokens=20)
+    out = generate(model, tokenizer, batch["input_ids"], batch["attention_mask"], settings, stop_ids(tokenizer, model))
+    assert (out[0].text, out[0].num_tokens, out[0].stopped) == ("red", 2, True)

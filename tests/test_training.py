@@ -173,11 +173,18 @@ class GradRecorder(L.Callback):
             self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
 
 
-def first_step_grads(model_dir: Path, data: Path, batch: int, accumulate: int, tmp_path: Path) -> dict:
+def first_step_grads(model_dir: Path, data: Path, batch, accumulate: int, tmp_path: Path, **data_args) -> dict:
     torch.manual_seed(0)
     module = QLoRAModule(str(model_dir), load_in_4bit=False, compute_dtype="float32", lora_dropout=0.0, lora_r=4)
     datamodule = ChatDataModule(
-        str(model_dir), source=str(data), train_size=8, val_size=0, test_size=0, batch_size=batch, max_length=128
+        str(model_dir),
+        source=str(data),
+        train_size=8,
+        val_size=0,
+        test_size=0,
+        batch_size=batch,
+        max_length=128,
+        **data_args,
     )
     recorder = GradRecorder()
     trainer = L.Trainer(
@@ -193,15 +200,46 @@ def first_step_grads(model_dir: Path, data: Path, batch: int, accumulate: int, t
         num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule)
+    recorder.grads["accumulate"] = torch.tensor(trainer.accumulate_grad_batches)
     return recorder.grads
 
 
 def test_accumulation_is_token_weighted(tmp_path, tiny_model, toy_data):
     big = first_step_grads(tiny_model, toy_data, batch=4, accumulate=1, tmp_path=tmp_path)
     small = first_step_grads(tiny_model, toy_data, batch=1, accumulate=4, tmp_path=tmp_path)
+    assert big.pop("accumulate") == 1 and small.pop("accumulate") == 4
     assert big and big.keys() == small.keys()
     for name in big:
         torch.testing.assert_close(small[name], big[name], rtol=1e-4, atol=1e-7)
+
+
+def test_auto_batch_size_keeps_the_step_and_its_gradient(tmp_path, tiny_model, toy_data):
+    """batch_size auto with a 2-conversation token budget runs 2 x 2: the same step, the same gradient as 4 x 1."""
+    big = first_step_grads(tiny_model, toy_data, batch=4, accumulate=1, tmp_path=tmp_path)
+    fixed = first_step_grads(tiny_model, toy_data, batch=2, accumulate=2, tmp_path=tmp_path)
+    auto = first_step_grads(
+        tiny_model, toy_data, "auto", accumulate=1, tmp_path=tmp_path, step_size=4, micro_batch_tokens=2 * 128 + 5
+    )
+    assert int(auto.pop("accumulate")) == 2 and int(fixed.pop("accumulate")) == 2 and int(big.pop("accumulate")) == 1
+    assert big and big.keys() == auto.keys() == fixed.keys()
+    for name in big:
+        torch.testing.assert_close(auto[name], fixed[name], rtol=0, atol=0)  # the fixed 2 x 2 split, bit for bit
+        torch.testing.assert_close(auto[name], big[name], rtol=1e-4, atol=1e-6)  # fp32 summation order only
+
+
+def test_micro_batch_split_fits_the_budget_and_keeps_the_step():
+    from capyft.datamodule import micro_batch_split
+
+    assert micro_batch_split(4, 2048, None) == (4, 1)  # no budget (CPU): the whole step at once
+    assert micro_batch_split(4, 2048, 10**6) == (4, 1)  # a large GPU
+    assert micro_batch_split(4, 2048, 4096) == (2, 2)  # an 8 GB GPU: <= 4096-token micro-batches
+    assert micro_batch_split(4, 2048, 3000) == (1, 4)
+    assert micro_batch_split(4, 2048, 100) == (1, 4)  # never below one conversation
+    assert micro_batch_split(6, 1024, 4096) == (3, 2)  # a divisor, so every step holds exactly 6
+    with pytest.raises(ValueError, match="step_size"):
+        micro_batch_split(0, 2048, None)
+    with pytest.raises(ValueError, match="step_size"):
+        ChatDataModule("tok", batch_size="auto")
 
 
 def test_training_after_validation_moves_weights(tmp_path, tiny_model, toy_data):
@@ -257,7 +295,8 @@ def test_test_subcommand_finds_the_runs_checkpoint(tmp_path, tiny_model, toy_dat
         fit.trainer.checkpoint_callback.best_model_path if which == "best" else str(run / "checkpoints" / "last.ckpt")
     )
     assert Path(tested.trainer.ckpt_path).resolve() == Path(expected).resolve()
-    assert (run / "predictions.jsonl").exists() and (run / "test_metrics.json").exists()
+    out = run / f"test-{Path(expected).stem}"  # one folder per evaluation, named for the checkpoint
+    assert (out / "predictions.jsonl").exists() and (out / "test_metrics.json").exists()
 
 
 def test_saved_config_reproduces_the_run(tmp_path, tiny_model, toy_data):
