@@ -412,7 +412,11 @@ class StepBatchSampler:
 
 
 class TaggedDataset(torch.utils.data.Dataset):
-    """Serves examples of a tokenized split; an ``(index, step_tokens)`` key adds ``step_tokens`` to the example."""
+    """Serves examples of a tokenized split; an ``(index, step_tokens)`` key adds ``step_tokens`` to the example.
+
+    A negative index ``-1 - i`` serves row ``i`` with every label ignored: padding that adds no trained token (used
+    to give every rank the same number of validation batches).
+    """
 
     def __init__(self, split: Any) -> None:
         self.split = split
@@ -422,8 +426,10 @@ class TaggedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, step_tokens = key if isinstance(key, tuple) else (key, None)
-        row = self.split[int(index)]
-        example = {"input_ids": row["input_ids"], "labels": row["labels"], "row": row["row"]}
+        padding = int(index) < 0
+        row = self.split[-1 - int(index) if padding else int(index)]
+        labels = [IGNORE_INDEX] * len(row["labels"]) if padding else row["labels"]
+        example = {"input_ids": row["input_ids"], "labels": labels, "row": row["row"]}
         if step_tokens is not None:
             example["step_tokens"] = step_tokens
         return example

@@ -191,8 +191,17 @@ class ChatDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         if "val" not in self.splits:
             return []
+        # Each rank validates every world_size-th row; ranks short of a row get a copy with no trained token, so
+        # all run the same number of batches and the token-weighted loss is exactly one process's.
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        rows = list(range(len(self.splits["val"])))
+        per_rank = -(-len(rows) // replicas)
+        mine = rows[rank::replicas]
+        mine += [-1 - row for row in rows[: per_rank - len(mine)]]  # negative: a padding copy of that row
         return DataLoader(
             TaggedDataset(self.splits["val"]),
+            sampler=mine,
             batch_size=self.hparams.eval_batch_size,
             collate_fn=self._collator(),
             num_workers=self.hparams.num_workers,

@@ -322,14 +322,26 @@ class QLoRAModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss_sum, n_tokens = self(batch)
-        # Token-weighted mean over the whole validation set: weight each batch by its trained tokens.
-        n = max(int(n_tokens), 1)
-        self.log(MONITOR, loss_sum / n, batch_size=n, prog_bar=True, sync_dist=True)
+        if self._val_sums is None:
+            self._val_sums = torch.zeros(2, dtype=torch.float64, device=loss_sum.device)
+        self._val_sums += torch.stack([loss_sum.detach().double(), n_tokens.double()])  # no host sync per batch
 
     def on_validation_start(self) -> None:
         self._val_start = time.perf_counter()
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums: torch.Tensor | None = None
+
+    def _log_val_loss(self) -> None:
+        """The token-weighted mean loss over the whole validation set, all ranks' shards summed (one collective)."""
+        sums = self._val_sums if self._val_sums is not None else torch.zeros(2, dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        self.log(MONITOR, float(sums[0] / sums[1].clamp(min=1)), prog_bar=True, sync_dist=False)
+
     def on_validation_epoch_end(self) -> None:
+        if self._trainer is not None:
+            self._log_val_loss()
         if self._trainer is None or self.trainer.state.fn != "fit" or self.trainer.sanity_checking:
             return
         if self.val_answers > 0:

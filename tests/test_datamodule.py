@@ -195,3 +195,29 @@ def test_no_cut_no_warning(smollm2_tokenizer, caplog):
         data = make(assets.smollm2_dir(), smollm2_tokenizer, max_length=2048)
     assert data.stats["train"]["truncated"] == 0 and data.stats["train"]["lost_tokens"] == 0
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_val_rows_are_sharded_across_ranks_with_weightless_padding(smollm2_data, world_size):
+    """Each rank validates its share (not the whole set); ranks short of a row get one with no trained token, so
+    every rank runs the same number of batches and the trained tokens add up to one process's exactly once."""
+
+    class Trainer:  # what val_dataloader reads of a trainer
+        def __init__(self, rank):
+            self.world_size, self.global_rank = world_size, rank
+
+    val = smollm2_data.splits["val"]
+    seen, trained, batches = [], 0, []
+    for rank in range(world_size):
+        smollm2_data.trainer = Trainer(rank)
+        loader = list(smollm2_data.val_dataloader())
+        batches.append(len(loader))
+        for batch in loader:
+            kept = (batch["labels"] != IGNORE_INDEX).sum(dim=1)
+            lengths = batch["attention_mask"].sum(dim=1)
+            seen += [ids[:n].tolist() for ids, n, k in zip(batch["input_ids"], lengths, kept) if k > 0]
+            trained += int(kept.sum())
+    smollm2_data.trainer = None
+    assert sorted(seen) == sorted(val["input_ids"])  # every row once, with its labels
+    assert trained == sum(sum(label != IGNORE_INDEX for label in labels) for labels in val["labels"])
+    assert len(set(batches)) == 1  # the same number of batches on every rank
