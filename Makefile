@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# CPU build of torch, pinned: unpinned, pip picks a CUDA build with several GB of nvidia wheels (shared/FACTS.md).
+# CPU build of torch, pinned: unpinned, pip picks a CUDA build with ~15 nvidia wheels (several GB).
 # On a machine with a GPU, install the torch you want into the venv first; a torch already there is kept.
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1

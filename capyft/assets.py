@@ -143,7 +143,8 @@ def _convert_smollm2(out: Path) -> None:
         _log(f"converting {gguf_name} into a Hugging Face folder (dequantized)")
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
         model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name)
-    # transformers refuses to save a model loaded from GGUF until the quantizer traces are gone (FACTS.md)
+    # transformers 5 refuses to save a model loaded from GGUF ("quantized with gguf and is not serializable")
+    # until the quantizer traces are gone
     model.hf_quantizer = None
     model.is_quantized = False
     model.quantization_method = None

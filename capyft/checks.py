@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-# Precisions that need a CUDA GPU; on CPU, capyft runs bf16-mixed instead (16-true gives NaN there, see FACTS).
+# Precisions that need a CUDA GPU; on CPU, capyft runs bf16-mixed instead (Lightning 2.6 on CPU turns 16-mixed into
+# bf16-mixed with a warning, and 16-true gives a NaN loss).
 GPU_ONLY_PRECISION = {"16-mixed", "16", "16-true", "bf16-true", "transformer-engine", "transformer-engine-float16"}
 BF16_PRECISION = {"bf16-mixed", "bf16-true", "bf16"}
 # A hub id: "name" or "org/name". Anything else (two slashes, ./, /, ~) is a local path and must exist.
