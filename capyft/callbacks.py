@@ -218,37 +218,70 @@ class NonFiniteError(RuntimeError):
 
 
 class NonFiniteGuard(L.Callback):
-    """Skips optimizer steps whose gradients are not finite, counts them (``train/skipped_steps``), and stops the
+    """Skips optimizer steps with a non-finite loss or gradient, counts them (``train/skipped_steps``), and stops the
     run after ``max_nonfinite_steps`` of them in a row.
 
-    With ``16-mixed`` on a GPU the gradient scaler already skips such a step (fp16 overflow) and lowers its scale;
-    in bf16 and fp32 this callback drops the gradients, so the step leaves the weights, and the optimizer state,
-    as they were. Either way no checkpoint ever holds non-finite weights: saving one is refused.
+    With ``16-mixed`` a gradient scaler multiplies the loss by a large scale (65,536 at first) so that small fp16
+    gradients do not underflow; when gradients overflow instead, it skips the step and halves the scale. Those
+    skips are calibration, not failure (a run may start with several): they are counted apart
+    (``train/scaler_skips``) and never toward ``max_nonfinite_steps``. The guard keeps what the scaler cannot fix:
+    a non-finite loss (the forward pass overflowed, or a bad batch), and non-finite gradients at a scale below
+    ``min_loss_scale`` (they overflow unscaled, so halving again cannot help). Without a scaler (bf16, fp32) every
+    non-finite step is the guard's. A skipped step leaves the weights and the optimizer state as they were (the
+    guard drops the gradients, or the scaler skips the update). No checkpoint ever holds non-finite weights:
+    saving one is refused.
 
     Args:
         max_nonfinite_steps: stop after this many consecutive non-finite steps (0: never stop, only skip).
+        min_loss_scale: with a gradient scaler, non-finite gradients at a smaller scale count as non-finite steps
+            (1: the gradients overflow even unscaled).
     """
 
-    def __init__(self, max_nonfinite_steps: int = 10) -> None:
+    def __init__(self, max_nonfinite_steps: int = 10, min_loss_scale: float = 1.0) -> None:
         if max_nonfinite_steps < 0:
             raise ValueError(f"max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.min_loss_scale = min_loss_scale
         self.skipped = 0  # all skipped steps of the run, kept in checkpoints
         self.in_a_row = 0
+        self.scaler_skips = 0  # steps the gradient scaler skipped while calibrating its scale
+        self._bad_loss: torch.Tensor | None = None  # any micro-batch loss of this step non-finite (no host sync)
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: Any, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach()).all()  # the scaler's scaled fp32 loss: finite exactly when the loss is
+        self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: Any, optimizer: Any) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         # one fused norm kernel and one host sync: a gradient holds a NaN or inf exactly when its norm does
-        finite = bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()) if grads else True
-        finite = trainer.strategy.reduce_boolean_decision(finite, all=True)  # FSDP ranks hold different shards
-        if finite:
+        bad_grads = bool((~torch.stack(torch._foreach_norm(grads)).isfinite()).any()) if grads else False
+        bad_loss = bool(self._bad_loss) if self._bad_loss is not None else False
+        self._bad_loss = None
+        if trainer.world_size > 1:  # one decision for all ranks (FSDP ranks hold different gradient shards)
+            flags = torch.tensor([bad_grads, bad_loss], dtype=torch.float32, device=pl_module.device)
+            bad_grads, bad_loss = (bool(f) for f in trainer.strategy.reduce(flags, reduce_op="sum") > 0)
+        scaler = self._active_grad_scaler(trainer)
+        if not (bad_grads or bad_loss):
             self.in_a_row = 0
+        elif not bad_loss and scaler is not None and float(scaler.get_scale()) >= self.min_loss_scale:
+            self.scaler_skips += 1  # the scaler skips this step and halves its scale: no weight or state changes
+            log.info(
+                "step %d: fp16 gradients overflowed at loss scale %g; the gradient scaler skips the step and "
+                "halves the scale",
+                trainer.global_step,
+                float(scaler.get_scale()),
+            )
         else:
             self.skipped += 1
             self.in_a_row += 1
             optimizer.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient
-            log.warning("step %d: non-finite loss or gradient; step skipped", trainer.global_step)
+            what = "loss" if bad_loss else "gradient"
+            if scaler is not None and not bad_loss:
+                what += f" at loss scale {float(scaler.get_scale()):g} (below guard.min_loss_scale)"
+            log.warning("step %d: non-finite %s; step skipped", trainer.global_step, what)
         pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False, batch_size=1)
+        if scaler is not None:
+            pl_module.log("train/scaler_skips", float(self.scaler_skips), on_step=True, on_epoch=False, batch_size=1)
         if self.max_nonfinite_steps and self.in_a_row >= self.max_nonfinite_steps:
             last = getattr(trainer.checkpoint_callback, "last_model_path", "")
             kept = f"the last checkpoint ({last}) holds finite ones" if last else "no checkpoint was saved yet"
@@ -271,11 +304,18 @@ class NonFiniteGuard(L.Callback):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped": self.skipped, "in_a_row": self.in_a_row}
+        return {"skipped": self.skipped, "in_a_row": self.in_a_row, "scaler_skips": self.scaler_skips}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = state_dict.get("skipped", 0)
         self.in_a_row = state_dict.get("in_a_row", 0)
+        self.scaler_skips = state_dict.get("scaler_skips", 0)
+
+    @staticmethod
+    def _active_grad_scaler(trainer: L.Trainer) -> Any:
+        """The precision plugin's enabled gradient scaler (``16-mixed``), or None (bf16, fp32)."""
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        return scaler if scaler is not None and scaler.is_enabled() else None
 
 
 class OutOfMemoryAdvice(L.Callback):

@@ -51,6 +51,10 @@ def use_packed_sdpa(model: Any) -> None:
     """Switches a model loaded with ``sdpa`` to :data:`PACKED_SDPA` (registered with transformers on first use).
 
     Patches transformers' global ``AttentionInterface`` / ``AttentionMaskInterface`` registries (transformers 5.x).
+
+    Raises:
+        ConfigError: for a model whose attention :data:`PACKED_SDPA` would compute differently (see
+            :func:`check_packed_sdpa`).
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
@@ -59,10 +63,47 @@ def use_packed_sdpa(model: Any) -> None:
         raise ValueError(
             f"attn_implementation {PACKED_SDPA} builds on sdpa, but the model runs {model.config._attn_implementation}"
         )
+    check_packed_sdpa(model.config)
     AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
     # The mask stays sdpa's: correct for every batch; packed rows merely do not read it.
     AttentionMaskInterface.register(PACKED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     model.config._attn_implementation = PACKED_SDPA
+
+
+# Layer types (transformers' ``config.layer_types``) whose attention is causal SDPA, over a sliding window or not:
+# what packed_sdpa_attention computes. Chunked (Llama-4), sparse and recurrent layers live in masks or states
+# that a packed row does not pass to it.
+PACKED_SDPA_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def check_packed_sdpa(config: Any) -> None:
+    """Refuses a model whose attention :data:`PACKED_SDPA` cannot compute exactly, before it loads if called on
+    the ``AutoConfig``.
+
+    :func:`packed_sdpa_attention` computes causal attention, over a sliding window where the layer passes one
+    (Mistral, Phi-3, Gemma-2/3); it cannot cap attention logits (Gemma-2's ``attn_logit_softcapping``: transformers'
+    own ``sdpa`` refuses Gemma-2 too) nor apply patterns that only a layer type names (chunked attention).
+
+    Raises:
+        ConfigError: naming the feature and the attention implementation to use instead.
+    """
+    from capyft.checks import ConfigError
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(text, "model_type", type(text).__name__)
+    softcap = getattr(text, "attn_logit_softcapping", None)
+    if softcap is not None:
+        raise ConfigError(
+            f"model.attn_implementation {PACKED_SDPA}: {model_type} caps its attention logits "
+            f"(attn_logit_softcapping {softcap}), which SDPA cannot compute; use --model.attn_implementation eager"
+        )
+    other = sorted(set(getattr(text, "layer_types", None) or ()) - set(PACKED_SDPA_LAYER_TYPES))
+    if other:
+        raise ConfigError(
+            f"model.attn_implementation {PACKED_SDPA}: {model_type} has {', '.join(other)} layers, and "
+            f"{PACKED_SDPA} computes only {' and '.join(PACKED_SDPA_LAYER_TYPES)}; use --model.attn_implementation "
+            "sdpa"
+        )
 
 
 def packed_sdpa_attention(
@@ -74,6 +115,7 @@ def packed_sdpa_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
+    sliding_window: int | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Attention for :data:`PACKED_SDPA`: causal SDPA per conversation of a packed row, else transformers' SDPA.
@@ -81,14 +123,29 @@ def packed_sdpa_attention(
     A packed row arrives with ``cu_seq_lens_q`` and ``packed_bounds`` (see :class:`PackedRow`). SDPA
     with the dense block-diagonal mask cannot use the flash kernel and computes all ``tokens^2`` scores; run one
     conversation at a time with ``is_causal`` instead: the flash kernel, and only the ``sum(length^2) / 2`` scores
-    that matter (4 conversations of 1k tokens: 1/8 of the work).
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    that matter (4 conversations of 1k tokens: 1/8 of the work). A layer with a ``sliding_window`` (Mistral, Phi-3,
+    Gemma-2/3 local layers) sees only the last ``sliding_window`` tokens, itself included, as transformers' masks
+    say: a conversation longer than the window gets a banded causal mask (memory-efficient kernel, not flash).
 
+    Raises:
+        ConfigError: for attention-changing arguments it cannot compute (``softcap``, attention sinks ``s_aux``).
+    """
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    for name in ("softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            from capyft.checks import ConfigError
+
+            raise ConfigError(
+                f"model.attn_implementation {PACKED_SDPA} cannot compute attention with {name} "
+                f"({type(module).__name__}); use --model.attn_implementation eager"
+            )
     bounds = kwargs.get("cu_seq_lens_q")
     single_row = query.shape[0] == 1 and query.shape[2] == key.shape[2]
     with _without_cudnn_attention(query):
         if bounds is None or not single_row or not getattr(module, "is_causal", True):
+            if sliding_window is not None:
+                kwargs["sliding_window"] = sliding_window  # passed on; transformers' sdpa takes it from the mask
             return sdpa_attention_forward(
                 module,
                 query,
@@ -102,20 +159,28 @@ def packed_sdpa_attention(
             )
         bounds = kwargs.get("packed_bounds") or bounds.tolist()  # python ints: no device sync per layer
         groups = getattr(module, "num_key_value_groups", 1)
-        gqa = {"enable_gqa": True} if groups > 1 else {}
-        outputs = [
-            F.scaled_dot_product_attention(
-                query[:, :, start:end],
-                key[:, :, start:end],
-                value[:, :, start:end],
-                dropout_p=dropout,
-                is_causal=True,
-                scale=scaling,
-                **gqa,
-            )
-            for start, end in zip(bounds[:-1], bounds[1:])
-        ]
+        outputs = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+            if sliding_window is None or end - start <= sliding_window:  # the window covers the conversation
+                gqa = {"enable_gqa": True} if groups > 1 else {}
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, **gqa)
+            else:
+                # expand grouped heads: with a mask, enable_gqa sends CUDA SDPA to its math kernel (transformers
+                # 5.24, use_gqa_in_sdpa)
+                k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+                mask = _banded_causal_mask(end - start, sliding_window, query.device)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+            outputs.append(out)
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _banded_causal_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """Boolean ``(length, length)`` mask: query ``i`` sees keys ``i - window < j <= i`` (transformers'
+    ``sliding_window_overlay`` on a causal mask)."""
+    positions = torch.arange(length, device=device)
+    distance = positions[:, None] - positions[None, :]
+    return (distance >= 0) & (distance < window)
 
 
 def _without_cudnn_attention(query: torch.Tensor) -> Any:
@@ -237,9 +302,10 @@ def disable_cpu_weight_packing(model: torch.nn.Module, disable: bool = True) -> 
 
     bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks 4-bit weights during any no-grad pass (validation, sanity
     check, ``generate``); the packed format has no autograd kernel, so later gradients through those layers are
-    silently dropped. ``disable=False`` allows the packing again where the CPU supports it (about 1.7x faster CPU
-    generation): only for processes that will not train afterwards (``test``, ``predict``). Returns how many layers
-    were switched. Works around bitsandbytes 0.50.2 (the flag ``support_avx512bf16_for_cpu`` on each 4-bit layer).
+    silently dropped. Packing also rounds each layer's block scales to bfloat16, so a packed model is not the one
+    trained: capyft never allows it (``disable=False`` would, about 1.7x faster CPU generation). Returns how many
+    layers were switched. Works around bitsandbytes 0.50.2 (the flag ``support_avx512bf16_for_cpu`` on each 4-bit
+    layer).
     """
     allowed = False
     if not disable:
@@ -252,3 +318,28 @@ def disable_cpu_weight_packing(model: torch.nn.Module, disable: bool = True) -> 
             module.support_avx512bf16_for_cpu = allowed
             count += 1
     return count
+
+
+def compile_decoder_layers(model: Any, backend: str = "inductor") -> int:
+    """Regional ``torch.compile``: compiles each decoder layer's forward (one graph, reused by every layer).
+
+    QLoRA steps are launch-bound (an 8B step at 4k tokens kept an H200 busy 0.34 s of 0.87 s): fusing the
+    elementwise work around each layer's 4-bit + LoRA linears removes most of the host time per layer.
+    Lengths are compiled dynamic, so packed rows of new lengths reuse the graph; the packed attention loop
+    (:func:`packed_sdpa_attention`) is traced too, so a new *number* of conversations per row compiles once more
+    (a fixed micro-batch of conversations always packs the same number; validation adds a no-grad graph). Keeping
+    that loop eager instead (``torch.compiler.disable``) broke the checkpointed layer into eager pieces and still
+    guarded on the count (torch 2.13, CPU). The first step pays the compile (~10-15 s for Llama-3.1-8B on an H200).
+    Written against torch 2.11-2.13 with bitsandbytes 0.50.2, whose 4-bit matmul traces without graph breaks.
+
+    Returns:
+        How many layers were compiled (0 when the model has no ``layers`` list).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(base.get_decoder(), "layers", None)
+    if layers is None:
+        log.warning("compile_layers: %s has no decoder layer list; not compiled", type(base).__name__)
+        return 0
+    for layer in layers:
+        layer.compile(backend=backend, dynamic=True)
+    return len(layers)

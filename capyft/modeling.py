@@ -7,6 +7,7 @@ they switch on live in :mod:`capyft.levers`.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,7 +15,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from capyft.chat import IGNORE_INDEX
-from capyft.levers import PACKED_SDPA, PackedRow, is_packed_batch, prepare_base_model
+from capyft.checks import ConfigError
+from capyft.levers import PACKED_SDPA, PackedRow, check_packed_sdpa, is_packed_batch, prepare_base_model
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +118,21 @@ def load_base_model(
     """Loads a causal LM, quantized when ``quantization`` is given, onto one device (never ``device_map="auto"``).
 
     Each data-parallel rank loads its own copy on its own device. :func:`prepare_base_model` then applies the
-    speed and memory levers.
+    speed and memory levers, and :func:`check_logit_transform` makes sure capyft's loss is the model's own.
 
     Args:
         attn_implementation: a transformers attention implementation, or ``sdpa_packed`` (see :data:`PACKED_SDPA`).
         liger_kernels: Liger's fused RMSNorm, SwiGLU and RoPE kernels (CUDA; needs ``liger-kernel``).
         offload_embeddings: keep the frozen input embeddings in CPU memory (1 GiB for Llama-3 in 16 bits).
-    """
-    from transformers import AutoModelForCausalLM
 
+    Raises:
+        ConfigError: attention ``sdpa_packed`` cannot compute (before the weights load), or output logits capyft's
+            loss does not reproduce.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if attn_implementation == PACKED_SDPA:  # refuse before the weights load
+        check_packed_sdpa(AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code))
     device = torch.device(device)
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path,
@@ -134,7 +142,9 @@ def load_base_model(
         device_map={"": device},
         trust_remote_code=trust_remote_code,
     )
-    return prepare_base_model(model, attn_implementation, liger_kernels, offload_embeddings)
+    model = prepare_base_model(model, attn_implementation, liger_kernels, offload_embeddings)
+    check_logit_transform(model)
+    return model
 
 
 def wrap_with_lora(model: Any, lora_config: Any, gradient_checkpointing: bool = True) -> Any:
@@ -184,6 +194,7 @@ def causal_lm_loss_sum(
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = base.get_decoder(), base.get_output_embeddings()
+    transform = logit_transform(base.config)
     attention_mask, position_ids = batch.get("attention_mask"), batch.get("position_ids")
     packed = {}
     if is_packed_batch(batch):  # one padding-free row: tell attention where conversations start
@@ -206,14 +217,85 @@ def causal_lm_loss_sum(
     for start in range(0, targets.numel(), chunk):
         h, t = hidden[start : start + chunk], targets[start : start + chunk]
         if torch.is_grad_enabled() and chunk < targets.numel():
-            total = total + checkpoint(_head_ce_sum, head, h, t, use_reentrant=False)
+            total = total + checkpoint(_head_ce_sum, head, h, t, transform, use_reentrant=False)
         else:
-            total = total + _head_ce_sum(head, h, t)
+            total = total + _head_ce_sum(head, h, t, transform)
     return total, n_tokens
 
 
-def _head_ce_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+def _head_ce_sum(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, transform: LogitTransform
+) -> torch.Tensor:
+    return F.cross_entropy(transform(head(hidden).float()), targets, reduction="sum")
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a causal LM does to its output head's logits before the loss (transformers 5.24's ``*ForCausalLM``):
+    ``softcap * tanh(logits * multiplier / divisor / softcap)``, each part only where the model has it.
+
+    :func:`causal_lm_loss_sum` runs the output head itself, so it applies this in float32 (transformers applies it
+    in the model's dtype: equal in float32, closer to exact in 16 bits).
+    """
+
+    multiplier: float = 1.0  # Cohere's logit_scale
+    divisor: float = 1.0  # Granite's logits_scaling
+    softcap: float | None = None  # Gemma-2/3's final_logit_softcapping
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.multiplier != 1.0:
+            logits = logits * self.multiplier
+        if self.divisor != 1.0:
+            logits = logits / self.divisor
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def logit_transform(config: Any) -> LogitTransform:
+    """The :class:`LogitTransform` a model config names (its text config for multimodal models).
+
+    :func:`check_logit_transform` verifies, once the model is loaded, that it is all the model does.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return LogitTransform(
+        multiplier=float(getattr(text, "logit_scale", None) or 1.0),
+        divisor=float(getattr(text, "logits_scaling", None) or 1.0),
+        softcap=getattr(text, "final_logit_softcapping", None),
+    )
+
+
+@torch.no_grad()
+def check_logit_transform(model: Any, tokens: int = 8) -> None:
+    """Refuses a model whose own logits differ from what :func:`causal_lm_loss_sum` computes (decoder, output head,
+    :func:`logit_transform`), so that capyft's loss is the model's own loss for every model it trains.
+
+    Runs the model and its decoder on ``tokens`` tokens (one forward each, in eval mode). The tolerance, 1% of the
+    largest logit, covers the transform computed in float32 here and in 16 bits by the model; an unknown transform
+    (an extra scale, a bias, a cap in another place) moves the logits far more.
+
+    Raises:
+        ConfigError: naming the model type and the transforms capyft knows.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    ids = (torch.arange(1, tokens + 1, device=head.weight.device) % base.config.get_text_config().vocab_size)[None]
+    was_training = base.training
+    base.eval()  # dropout off: both passes must see the same weights and activations
+    try:
+        theirs = base(input_ids=ids, use_cache=False).logits.float()
+        hidden = base.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+        ours = logit_transform(base.config)(head(hidden).float())
+    finally:
+        base.train(was_training)
+    gap = float((ours - theirs).abs().max()) if ours.shape == theirs.shape else float("inf")
+    if not gap <= 1e-2 * float(theirs.abs().max()) + 1e-4:
+        raise ConfigError(
+            f"model.model_name_or_path: {base.config.model_type} transforms its output logits in a way capyft's "
+            f"loss does not reproduce (largest gap {gap:.3g} against the model's own logits); capyft knows "
+            "logit_scale (Cohere), logits_scaling (Granite) and final_logit_softcapping (Gemma), so it cannot "
+            "train this model"
+        )
 
 
 # ---- FSDP -------------------------------------------------------------------------------------------------------
