@@ -440,7 +440,6 @@ def load_for_inference(
     load_in_4bit: bool | None = None,
     dtype: str | None = None,
     device: str | torch.device | None = None,
-    cpu_packing: bool = True,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Loads a model for generation: a checkpoint's adapter, an adapter folder, or a base model alone.
 
@@ -455,8 +454,6 @@ def load_for_inference(
         load_in_4bit: quantize the base. Default: as in training (off for a base model alone).
         dtype: weights / compute dtype. Default: :func:`inference_dtype` of the training ``compute_dtype``.
         device: default ``cuda`` when available, else ``cpu``.
-        cpu_packing: let bitsandbytes repack 4-bit weights into its faster CPU inference format, as the test hook
-            does (nothing trains afterwards). ``export`` turns it off to compute with the plain dequantized weights.
 
     Returns:
         ``(model, tokenizer, checkpoint)``, the model in eval mode; ``checkpoint`` is empty without ``ckpt_path``.
@@ -464,8 +461,6 @@ def load_for_inference(
     Raises:
         ValueError: no source given, or both a checkpoint and an adapter.
     """
-    from capyft.levers import disable_cpu_weight_packing
-
     if ckpt_path is not None and adapter is not None:
         raise ValueError("give --ckpt_path or --adapter, not both")
     checkpoint = load_checkpoint(ckpt_path) if ckpt_path is not None else {}
@@ -490,8 +485,6 @@ def load_for_inference(
     )
     log.info("loading %s%s in %s on %s", base, " (4-bit)" if load_in_4bit else "", dtype, device)
     net = load_base_model(base, quantization, dtype, hparams.get("attn_implementation", "sdpa"), device, trust)
-    if load_in_4bit and cpu_packing:
-        disable_cpu_weight_packing(net, disable=False)
     if checkpoint:
         net = attach_adapter(net, hparams, {k: v.to(device) for k, v in adapter_weights(checkpoint).items()})
     elif adapter is not None:

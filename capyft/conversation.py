@@ -5,15 +5,20 @@
     python -m capyft chat --model HuggingFaceTB/SmolLM2-135M-Instruct          # the base alone, for comparison
     python -m capyft chat --ckpt_path ... --input convs.jsonl --output answers.jsonl
 
-Prompts go through the tokenizer's chat template exactly as in training (:func:`capyft.chat.encode_prompt`) and
-generation stops at the template's end-of-turn tokens. Greedy decoding unless ``--temperature`` > 0. On a GPU the
-base is loaded in 4-bit when the run trained in 4-bit (``--load_in_4bit`` overrides); on CPU it is loaded plain.
+``chat`` serves the model that ``test`` scored: the base quantized as in training (4-bit on CPU too) plus the
+adapter (:func:`capyft.checkpoints.load_for_inference`), and answers through the same generation path and settings
+type as the test hook (:func:`capyft.generation.generate`, :class:`~capyft.generation.GenerationSettings`),
+defaulting to the settings the run saved in its ``config.yaml``, so ``chat --input`` and ``test`` give the same
+answer to the same prompt. Prompts go through the tokenizer's chat template exactly as in training
+(:func:`capyft.chat.encode_prompt`). When a conversation outgrows the model's context, its oldest turns are
+dropped (the system message and the newest user message stay) and the terminal says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -22,67 +27,167 @@ from typing import Any, TextIO
 
 import torch
 
-from capyft.chat import ROLES, encode_prompt, end_of_turn_ids, split_prompt_reference
-from capyft.checkpoints import load_for_inference
-from capyft.generation import cut_at_stop
+from capyft.chat import ROLES, encode_prompt, split_prompt_reference
+from capyft.checkpoints import load_for_inference, run_config
+from capyft.generation import GenerationSettings, generate, stop_ids
 
 log = logging.getLogger(__name__)
 HELP = "/reset clears the conversation, /exit (or Ctrl-D) quits"
 
 
-def generation_config(tokenizer: Any, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0) -> Any:
-    """A ``GenerationConfig``: greedy when ``temperature`` is 0, else sampling; stops at end-of-turn tokens."""
-    from transformers import GenerationConfig
-
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
-    sampling = {"temperature": temperature, "top_p": top_p} if temperature > 0 else {}
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=temperature > 0,
-        eos_token_id=end_of_turn_ids(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        **sampling,
-    )
+# ---- settings -------------------------------------------------------------------------------------------------
+def run_generation_settings(run: dict[str, Any]) -> GenerationSettings:
+    """The ``model.generation`` settings a run saved in its ``config.yaml`` (see
+    :func:`capyft.checkpoints.run_config`); the defaults for keys it lacks, or without a run config."""
+    saved = ((run.get("model") or {}).get("generation")) or {}
+    names = {field.name for field in dataclasses.fields(GenerationSettings)}
+    return GenerationSettings(**{key: value for key, value in saved.items() if key in names})
 
 
-def decode_answer(tokenizer: Any, ids: list[int], stop_ids: list[int]) -> str:
-    """The text of generated ``ids`` up to the first end-of-turn token, special tokens dropped, stripped."""
-    return cut_at_stop(tokenizer, ids, stop_ids).text
+def chat_settings(
+    base: GenerationSettings,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+) -> GenerationSettings:
+    """``base`` with the command line's overrides: ``temperature`` 0 means greedy, > 0 sampling at it.
+
+    Raises:
+        ValueError: ``max_new_tokens`` < 1, ``temperature`` < 0 or ``top_p`` outside (0, 1].
+    """
+    changes: dict[str, Any] = {}
+    if max_new_tokens is not None:
+        changes["max_new_tokens"] = max_new_tokens
+    if temperature is not None:
+        changes |= {"do_sample": temperature > 0} | ({"temperature": temperature} if temperature > 0 else {})
+    if top_p is not None:
+        changes["top_p"] = top_p
+    if seed is not None:
+        changes["seed"] = seed
+    settings = dataclasses.replace(base, **changes)
+    if settings.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {settings.max_new_tokens}")
+    if (temperature is not None and temperature < 0) or not 0 < settings.top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {settings.top_p}")
+    return settings
 
 
+# ---- fitting a conversation into the context ------------------------------------------------------------------
+class ContextError(ValueError):
+    """The newest user message alone (with the system message) leaves no room for the answer."""
+
+
+def fit_to_context(
+    messages: list[dict[str, str]], tokenizer: Any, system_prompt: str | None, budget: int | None
+) -> tuple[list[int], list[dict[str, str]], int]:
+    """Drops the oldest turns until the prompt takes at most ``budget`` tokens.
+
+    A turn is a user message and the replies up to the next user message. Leading system messages (and
+    ``system_prompt``) and the turn of the newest user message are always kept.
+
+    Args:
+        messages: the conversation, ending with the user message to answer.
+        tokenizer: its tokenizer, with a chat template.
+        system_prompt: prepended as a system message unless the conversation has one.
+        budget: most prompt tokens (the context minus ``max_new_tokens``); None: no limit.
+
+    Returns:
+        ``(prompt ids, the messages kept, how many turns were dropped)``.
+
+    Raises:
+        ContextError: even the newest user message alone does not fit.
+    """
+    lead = 0
+    while lead < len(messages) and messages[lead]["role"] == "system":
+        lead += 1
+    head, turns = messages[:lead], messages[lead:]
+    dropped = 0
+    while True:
+        ids = encode_prompt([*head, *turns], tokenizer, system_prompt)
+        if budget is None or len(ids) <= budget:
+            return ids, [*head, *turns], dropped
+        starts = [i for i, m in enumerate(turns) if m["role"] == "user" and i > 0]
+        if not starts:
+            raise ContextError(
+                f"the message is {len(ids):,} tokens with the chat template, but only {budget:,} fit (the context "
+                "less max_new_tokens); shorten it, or lower --max_new_tokens"
+            )
+        turns = turns[starts[0] :]
+        dropped += 1
+
+
+def context_budget(model: Any, settings: GenerationSettings, max_context: int | None = None) -> int | None:
+    """Prompt tokens that leave room for ``max_new_tokens``: ``max_context``, else the model's
+    ``max_position_embeddings``, less the new tokens; None when neither is known.
+
+    Raises:
+        ValueError: ``max_new_tokens`` leaves no room for a prompt.
+    """
+    context = max_context or getattr(model.config, "max_position_embeddings", None)
+    if context is None:
+        return None
+    if settings.max_new_tokens >= context:
+        raise ValueError(f"max_new_tokens {settings.max_new_tokens} leaves no room in a context of {context} tokens")
+    return context - settings.max_new_tokens
+
+
+# ---- the interactive chat -------------------------------------------------------------------------------------
 class ChatSession:
-    """A multi-turn conversation with one model: each reply is generated from the whole history.
+    """A multi-turn conversation with one model: each reply is generated from the history that fits the context.
 
     Args:
         model: a causal LM (PEFT-wrapped or not) in eval mode.
         tokenizer: its tokenizer, with a chat template.
-        config: the ``GenerationConfig`` (see :func:`generation_config`).
+        settings: how answers are generated (the test hook's settings type).
         system_prompt: prepended as a system message to every prompt, if given.
+        max_context: prompt plus answer tokens (default: the model's ``max_position_embeddings``).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, config: Any, system_prompt: str | None = None) -> None:
-        self.model, self.tokenizer, self.config, self.system_prompt = model, tokenizer, config, system_prompt
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        settings: GenerationSettings,
+        system_prompt: str | None = None,
+        max_context: int | None = None,
+    ) -> None:
+        self.model, self.tokenizer, self.settings, self.system_prompt = model, tokenizer, settings, system_prompt
+        self.budget = context_budget(model, settings, max_context)
+        self.stop_ids = stop_ids(tokenizer, model)
         self.messages: list[dict[str, str]] = []
+        self.turns = 0
 
     def reset(self) -> None:
         """Forgets the conversation."""
         self.messages = []
 
-    @torch.inference_mode()
-    def reply(self, text: str, stream: TextIO | None = None) -> str:
-        """Adds a user message, generates the assistant's answer (streamed to ``stream``), records and returns it."""
+    def reply(self, text: str, stream: TextIO | None = None, prefix: str = "") -> str:
+        """Adds a user message, generates the answer (``prefix`` and the answer streamed to ``stream``), records it.
+
+        When the history no longer fits, its oldest turns are forgotten and ``stream`` gets one line saying how
+        many.
+
+        Raises:
+            ContextError: the message alone does not fit; the history is unchanged.
+        """
         messages = [*self.messages, {"role": "user", "content": text}]
-        ids = torch.tensor([encode_prompt(messages, self.tokenizer, self.system_prompt)], device=self.model.device)
+        ids, messages, dropped = fit_to_context(messages, self.tokenizer, self.system_prompt, self.budget)
+        if dropped and stream is not None:
+            stream.write(f"(dropped {dropped} old turn{'s' * (dropped > 1)} to fit the context)\n")
+        if stream is not None:
+            stream.write(prefix)
+            stream.flush()
+        input_ids = torch.tensor([ids], device=self.model.device)
         streamer = _streamer(self.tokenizer, stream) if stream is not None else None
-        out = self.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=self.config, streamer=streamer
-        )
-        answer = decode_answer(self.tokenizer, out[0, ids.shape[1] :].tolist(), self.config.eos_token_id)
-        self.messages = [*messages, {"role": "assistant", "content": answer}]
-        return answer
+        seed = self.settings.seed + self.turns  # sampling: reproducible per turn, not the same draw every turn
+        (answer,) = generate(
+            self.model, self.tokenizer, input_ids, torch.ones_like(input_ids), self.settings, self.stop_ids, seed,
+            streamer=streamer,
+        )  # fmt: skip
+        self.messages = [*messages, {"role": "assistant", "content": answer.text}]
+        self.turns += 1
+        return answer.text
 
 
 def _streamer(tokenizer: Any, stream: TextIO) -> Any:
@@ -114,7 +219,8 @@ def _read_line(stdin: TextIO, stdout: TextIO, prompt: str) -> str | None:
 def repl(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
     """Runs the terminal chat until ``/exit`` or end of input; ``/reset`` starts over.
 
-    Ctrl-C while the model answers drops that turn; at the prompt it quits.
+    Ctrl-C while the model answers drops that turn; at the prompt it quits. A message too long for the context is
+    refused with a line that says so; the chat goes on.
 
     Args:
         session: the conversation to continue.
@@ -141,14 +247,15 @@ def repl(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | Non
         if text.startswith("/") and " " not in text:
             stdout.write(f"unknown command {text}; {HELP}\n")
             continue
-        stdout.write("assistant> ")
-        stdout.flush()
         try:
-            session.reply(text, stream=stdout)
+            session.reply(text, stream=stdout, prefix="assistant> ")
+        except ContextError as err:
+            stdout.write(f"(not sent: {err})\n")
         except KeyboardInterrupt:
             stdout.write("\n(interrupted; that turn is dropped)\n")
 
 
+# ---- batch answers --------------------------------------------------------------------------------------------
 def prompt_and_reference(messages: Any) -> tuple[list[dict[str, str]], str | None]:
     """The turns to answer and, when the conversation ends with an assistant message, that message.
 
@@ -172,23 +279,23 @@ def prompt_and_reference(messages: Any) -> tuple[list[dict[str, str]], str | Non
     return messages, reference
 
 
-@torch.inference_mode()
 def generate_answers(
     model: Any,
     tokenizer: Any,
-    prompts: list[list[dict[str, str]]],
-    config: Any,
-    system_prompt: str | None = None,
+    encoded: list[list[int]],
+    settings: GenerationSettings,
     batch_size: int = 8,
 ) -> list[str]:
-    """Answers each prompt with a new assistant turn, in batches of left-padded prompts of similar length.
+    """Answers each encoded prompt, in batches of left-padded prompts of similar length, as the test hook does.
+
+    Each batch is seeded with ``settings.seed`` + its first prompt's index (sampling only).
 
     Returns:
         One answer per prompt, in the order given.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    encoded = [encode_prompt(p, tokenizer, system_prompt) for p in prompts]
+    stops = stop_ids(tokenizer, model)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths: less padding
     answers: list[str] = [""] * len(encoded)
     for start in range(0, len(order), batch_size):
@@ -196,9 +303,10 @@ def generate_answers(
         batch = tokenizer.pad(
             {"input_ids": [encoded[i] for i in rows]}, padding=True, padding_side="left", return_tensors="pt"
         ).to(model.device)
-        out = model.generate(**batch, generation_config=config)
-        for row, ids in zip(rows, out[:, batch["input_ids"].shape[1] :].tolist()):
-            answers[row] = decode_answer(tokenizer, ids, config.eos_token_id)
+        seed = settings.seed + min(rows)
+        out = generate(model, tokenizer, batch["input_ids"], batch["attention_mask"], settings, stops, seed)
+        for row, answer in zip(rows, out):
+            answers[row] = answer.text
     return answers
 
 
@@ -207,37 +315,51 @@ def predict_file(
     tokenizer: Any,
     input_path: str | Path,
     output_path: str | Path,
-    config: Any,
+    settings: GenerationSettings,
     system_prompt: str | None = None,
     batch_size: int = 8,
+    max_context: int | None = None,
 ) -> int:
     """Answers every conversation of a JSONL file and writes one JSON line per input row, in order.
 
     Input rows use trl's ``messages`` or LDJnr's ``conversation`` schema (:func:`capyft.data.to_messages`). Each
     output row is ``{"index", "messages", "answer"}`` plus ``"reference"`` when the input ended with an assistant
-    turn; ``messages`` is the prompt followed by the new assistant turn, so the file is itself a ``messages`` data set.
+    turn, and ``"dropped_turns"`` when its oldest turns did not fit the context; ``messages`` is the prompt that was
+    answered followed by the new assistant turn, so the file is itself a ``messages`` data set.
 
     Returns:
         The number of rows written.
+
+    Raises:
+        ValueError: a malformed line or a prompt whose last user message alone does not fit the context, naming
+            the line, before anything is generated.
     """
     from capyft.data import to_messages
 
     input_path = Path(input_path)
-    prompts, references = [], []
+    budget = context_budget(model, settings, max_context)
+    prompts, references, encoded, dropped = [], [], [], []
     with input_path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 prompt, reference = prompt_and_reference(to_messages(json.loads(line)))
+                ids, prompt, n = fit_to_context(prompt, tokenizer, system_prompt, budget)
             except (ValueError, AttributeError, TypeError) as err:
                 raise ValueError(f"{input_path}:{lineno}: {err}") from err
             prompts.append(prompt)
             references.append(reference)
-    answers = generate_answers(model, tokenizer, prompts, config, system_prompt, batch_size)
+            encoded.append(ids)
+            dropped.append(n)
+    if any(dropped):
+        log.warning(
+            "dropped %d old turns of %d conversations to fit the context", sum(dropped), sum(map(bool, dropped))
+        )
+    answers = generate_answers(model, tokenizer, encoded, settings, batch_size)
     Path(output_path).parent.mkdir(parents=True, exist_ok=True)
     with Path(output_path).open("w", encoding="utf-8") as f:
-        for index, (prompt, reference, answer) in enumerate(zip(prompts, references, answers)):
+        for index, (prompt, reference, answer, n) in enumerate(zip(prompts, references, answers, dropped)):
             row: dict[str, Any] = {
                 "index": index,
                 "messages": [*prompt, {"role": "assistant", "content": answer}],
@@ -245,8 +367,62 @@ def predict_file(
             }
             if reference is not None:
                 row["reference"] = reference
+            if n:
+                row["dropped_turns"] = n
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return len(answers)
+
+
+# ---- the command ----------------------------------------------------------------------------------------------
+def chat(
+    ckpt_path: str | Path | None = None,
+    adapter: str | Path | None = None,
+    model: str | None = None,
+    system: str | None = None,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    load_in_4bit: bool | None = None,
+    dtype: str | None = None,
+    input: str | Path | None = None,  # noqa: A002 (the command's own flag name)
+    output: str | Path | None = None,
+    batch_size: int = 8,
+    max_context: int | None = None,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+) -> int:
+    """Loads the model as scored and chats in the terminal, or answers ``input`` into ``output``.
+
+    Generation settings default to the run's saved ``model.generation`` (:func:`run_generation_settings`); the
+    other arguments override them (see :func:`chat_settings`). The system prompt defaults to the one the run trained
+    with.
+
+    Returns:
+        The exit status.
+
+    Raises:
+        ValueError: bad arguments or an unreadable source (see :func:`capyft.checkpoints.load_for_inference`).
+        FileNotFoundError: a source that does not exist.
+    """
+    if (input is None) != (output is None):
+        raise ValueError("--input and --output go together")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_context is not None and max_context < 2:
+        raise ValueError(f"max_context must be >= 2 tokens, got {max_context}")
+    run = run_config(ckpt_path if ckpt_path is not None else adapter)
+    settings = chat_settings(run_generation_settings(run), max_new_tokens, temperature, top_p, seed)
+    net, tokenizer, checkpoint = load_for_inference(ckpt_path, adapter, model, load_in_4bit, dtype)
+    if system is None:
+        data = checkpoint.get("datamodule_hyper_parameters") or run.get("data") or {}
+        system = data.get("system_prompt")
+    if input is not None:
+        n = predict_file(net, tokenizer, input, output, settings, system, batch_size, max_context)
+        log.info("wrote %d answers to %s", n, output)
+        return 0
+    repl(ChatSession(net, tokenizer, settings, system, max_context), stdin, stdout)
+    return 0
 
 
 def _bool(text: str) -> bool:
@@ -258,7 +434,7 @@ def _bool(text: str) -> bool:
 
 
 def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
-    """``python -m capyft chat``: an interactive chat, or batch answers with ``--input`` / ``--output``.
+    """``python -m capyft chat``: parses the arguments and runs :func:`chat`.
 
     Args:
         argv: the arguments after ``chat`` (default: ``sys.argv[1:]``, for ``python -m capyft.conversation``).
@@ -277,36 +453,38 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
     source.add_argument("--adapter", help="a PEFT adapter folder (runs/<name>/version_N/adapter/best)")
     parser.add_argument("--model", help="base model dir or hub id (alone: chat with the base model)")
     parser.add_argument("--system", help="system prompt (default: the one the run trained with, if any)")
-    parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
-    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
-    parser.add_argument("--seed", type=int, help="seed for sampling")
-    parser.add_argument("--load_in_4bit", type=_bool, help="true/false (default: as trained on GPU, false on CPU)")
+    parser.add_argument("--max_new_tokens", type=int, help="default: the run's model.generation (else 100)")
+    parser.add_argument("--temperature", type=float, help="0: greedy; > 0: sampling (default: the run's settings)")
+    parser.add_argument("--top_p", type=float, help="nucleus sampling mass (default: the run's settings)")
+    parser.add_argument("--seed", type=int, help="seed for sampling (default: the run's settings)")
+    parser.add_argument("--load_in_4bit", type=_bool, help="true/false (default: as trained, on CPU too)")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="weights / compute dtype")
+    parser.add_argument("--max_context", type=int, help="prompt + answer tokens (default: the model's context)")
     parser.add_argument("--input", help="JSONL of conversations to answer (batch mode)")
     parser.add_argument("--output", help="JSONL to write the answers to (with --input)")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate call (batch mode)")
     args = parser.parse_args(argv)
-    if (args.input is None) != (args.output is None):
-        parser.error("--input and --output go together")
     try:
-        model, tokenizer, checkpoint = load_for_inference(
-            args.ckpt_path, args.adapter, args.model, args.load_in_4bit, args.dtype
+        return chat(
+            args.ckpt_path,
+            args.adapter,
+            args.model,
+            args.system,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_p,
+            args.seed,
+            args.load_in_4bit,
+            args.dtype,
+            args.input,
+            args.output,
+            args.batch_size,
+            args.max_context,
+            stdin,
+            stdout,
         )
-        config = generation_config(tokenizer, args.max_new_tokens, args.temperature, args.top_p)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    system = args.system
-    if system is None:
-        system = (checkpoint.get("datamodule_hyper_parameters") or {}).get("system_prompt")
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    if args.input is not None:
-        n = predict_file(model, tokenizer, args.input, args.output, config, system, args.batch_size)
-        log.info("wrote %d answers to %s", n, args.output)
-        return 0
-    repl(ChatSession(model, tokenizer, config, system), stdin, stdout)
-    return 0
 
 
 if __name__ == "__main__":

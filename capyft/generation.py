@@ -148,3 +148,30 @@ def cut_at_stop(tokenizer: Any, ids: list[int], stop_ids: list[int]) -> Generate
     kept = ids if end is None else ids[:end]
     text = tokenizer.decode(kept, skip_special_tokens=True).strip()
     return Generated(text, len(ids) if end is None else end + 1, end is not None)
+
+
+def answer_batch(
+    model: Any, tokenizer: Any, batch: dict[str, Any], settings: GenerationSettings, compare_base: bool = False
+) -> tuple[list[dict[str, Any]], int]:
+    """Answers a prompt batch (``PromptCollator``'s: ids, mask, rows, prompts, references) with the model and, with
+    ``compare_base``, again with its adapter disabled; one record per prompt and the number of tokens generated.
+
+    Sampling is seeded with ``settings.seed`` plus the batch's first row id, so an answer does not depend on which
+    batches ran before it.
+    """
+    args = (tokenizer, batch["input_ids"], batch["attention_mask"], settings)
+    stops, seed = stop_ids(tokenizer, model), settings.seed + min(batch["row"])
+    tuned = generate(model, *args, stops, seed)
+    base: list[Any] = [None] * len(tuned)
+    if compare_base:
+        with model.disable_adapter():
+            base = generate(model, *args, stops, seed)
+    fields = zip(batch["row"], batch["prompt"], batch["reference"], tuned, base)
+    records = [
+        {"row": row, "prompt": prompt, "reference": reference, "prediction": t.text}
+        | ({"base_prediction": b.text} if b else {})
+        | {"num_tokens": t.num_tokens, "stopped": t.stopped}
+        | ({"base_num_tokens": b.num_tokens, "base_stopped": b.stopped} if b else {})
+        for row, prompt, reference, t, b in fields
+    ]
+    return records, sum(g.num_tokens for g in [*tuned, *base] if g)

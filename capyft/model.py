@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import logging
-import math
-import random
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 
-from capyft import evaluation, generation, reporting
+from capyft import evaluation, generation, reporting, training
 from capyft.checkpoints import base_model_fingerprint, run_dir
 from capyft.checks import ConfigError
 from capyft.evaluation import BERTScoreSettings
@@ -23,7 +20,7 @@ from capyft.modeling import (
     build_lora_config,
     build_quantization_config,
     causal_lm_loss_sum,
-    check_fsdp_quant_storage,
+    check_fsdp,
     load_base_model,
     load_tokenizer,
     wrap_with_lora,
@@ -142,7 +139,10 @@ class QLoRAModule(L.LightningModule):
             # fp16 compute on CPU: one QLoRA step of SmolLM2 took 42 s against 3.5 s in bf16 (measured here, torch 2.13)
             log.info("compute_dtype float16 is GPU-only in practice; using bfloat16 on CPU")
             dtype = "bfloat16"
-        self._check_fsdp(dtype)
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            check_fsdp(self.trainer.strategy.kwargs, hp.load_in_4bit, hp.quant_storage, dtype, self.trainer.precision)
         quantization = build_quantization_config(
             hp.load_in_4bit, hp.quant_type, hp.double_quant, dtype, hp.quant_storage
         )
@@ -169,25 +169,6 @@ class QLoRAModule(L.LightningModule):
         share = 100 * trainable / total
         log.info("LoRA: %s trainable of %s parameters (%.3f%%)", f"{trainable:,}", f"{total:,}", share)
 
-    def _check_fsdp(self, dtype: str) -> None:
-        """Under FSDP: refuses a 4-bit storage dtype FSDP cannot shard, and warns that the path is unmeasured."""
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        if self._trainer is None or not isinstance(self.trainer.strategy, FSDPStrategy):
-            return
-        if self.hparams.load_in_4bit:
-            check_fsdp_quant_storage(self.hparams.quant_storage, dtype, self.trainer.precision)
-        if dtype != "float32" and self.trainer.strategy.kwargs.get("auto_wrap_policy") is None:
-            raise ValueError(
-                f"FSDP needs one dtype per unit, and the LoRA weights are float32 in a {dtype} model: set "
-                "--trainer.strategy.auto_wrap_policy=capyft.modeling.fsdp_auto_wrap_policy (a unit per decoder "
-                "layer and per LoRA weight)"
-            )
-        log.warning(
-            "FSDP has not been run with capyft on a GPU yet; check that adapter/final and the checkpoints hold the "
-            "full adapter before relying on them (docs/multi-gpu.md)"
-        )
-
     # ---- checkpoint: adapter weights only, plus RNG state for exact resume ----------------------------------
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         full = super().state_dict(*args, **kwargs)
@@ -195,26 +176,14 @@ class QLoRAModule(L.LightningModule):
         return {k: v for k, v in full.items() if k in trainable}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            # plain tensors and ints only, so the checkpoint loads with torch.load(weights_only=True)
-            "numpy": _numpy_state_to_plain(np.random.get_state()),
-            "python": random.getstate(),
-        }
+        checkpoint["rng_states"] = training.rng_state()
         # what the adapter was trained on, so a resume can tell a moved base folder from another model
         checkpoint["base_model"] = base_model_fingerprint(self.model.config if self.model is not None else None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check_adapter_fits(checkpoint.get("state_dict") or {})
-        states = checkpoint.get("rng_states")
-        if states is None:
-            return
-        torch.set_rng_state(states["torch"])
-        if states["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(states["cuda"])
-        np.random.set_state(_numpy_state_from_plain(states["numpy"]))
-        random.setstate(states["python"])
+        if checkpoint.get("rng_states") is not None:
+            training.restore_rng_state(checkpoint["rng_states"])
 
     def _check_adapter_fits(self, saved: dict[str, Any]) -> None:
         """Refuses a checkpoint whose adapter is not this module's (other target modules, rank or model): with
@@ -229,11 +198,8 @@ class QLoRAModule(L.LightningModule):
             return
         own = {name: tuple(p.shape) for name, p in self.named_parameters() if p.requires_grad}
         theirs = {name: tuple(t.shape) for name, t in saved.items()}
-        if own != theirs:
-            sides = f"checkpoint adapter: {describe_adapter(theirs)}; this model: {describe_adapter(own)}"
-            if describe_adapter(theirs) == describe_adapter(own):
-                first = min(set(own.items()) ^ set(theirs.items()))
-                sides += f"; first difference: {first[0]} {list(first[1])}"
+        sides = training.adapter_mismatch(own, theirs)
+        if sides:
             raise ConfigError(
                 f"ckpt_path: the checkpoint's adapter does not fit this model's ({sides}); set "
                 "--model.target_modules, --model.lora_r and --model.use_dora as the checkpoint was trained, or give "
@@ -279,8 +245,8 @@ class QLoRAModule(L.LightningModule):
         norms = torch._foreach_norm(grads) if grads else [torch.tensor(float("nan"))]  # one fused kernel
         grad_norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
         elapsed = max(time.perf_counter() - self._step_start, 1e-9)
-        loss, rate, grad_norm = self._reduce_step_metrics(
-            float(self._step_loss), int(self._step_tokens), elapsed, grad_norm
+        loss, rate, grad_norm = training.reduce_step_metrics(
+            self.trainer.strategy, float(self._step_loss), int(self._step_tokens), elapsed, grad_norm
         )
         metrics = {
             "train/loss": loss,
@@ -296,26 +262,6 @@ class QLoRAModule(L.LightningModule):
         bar = {"loss": metrics["train/loss"], "tok/s": metrics["train/tokens_per_sec"]}
         self.log_dict(bar, prog_bar=True, logger=False, batch_size=1)
         self._step_loss, self._step_tokens, self._step_start, self._step_inputs = 0.0, 0, None, 0
-
-    def _reduce_step_metrics(
-        self, loss: float, tokens: int, elapsed: float, grad_norm: torch.Tensor
-    ) -> tuple[float, float, float]:
-        """The optimizer step's loss, tokens/s and gradient norm over all ranks, with one small collective.
-
-        Each rank holds its share of the global token-mean (its loss sum over the step's tokens on all ranks), so
-        the sum over ranks is the exact global token-mean loss; throughputs add up too. DDP gradients are already
-        averaged, so every rank holds the same norm; FSDP ranks hold disjoint shards, whose squared norms add up.
-        """
-        if self.trainer.world_size == 1:
-            return loss, tokens / elapsed, float(grad_norm)
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        local = [loss, tokens / elapsed, float(grad_norm) ** 2]
-        total = self.trainer.strategy.reduce(
-            torch.tensor(local, dtype=torch.float64, device=self.device), reduce_op="sum"
-        ).tolist()
-        sharded = isinstance(self.trainer.strategy, FSDPStrategy)
-        return total[0], total[1], math.sqrt(total[2] if sharded else local[2])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss_sum, n_tokens = self(batch)
@@ -413,24 +359,11 @@ class QLoRAModule(L.LightningModule):
             log.info("predict: %d answers written to %s", len(records), reporting.write_predictions(out, records))
 
     def _answer(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
-        args = (self.tokenizer, batch["input_ids"], batch["attention_mask"], self.generation)
-        stops, seed = generation.stop_ids(self.tokenizer, self.model), self.generation.seed + min(batch["row"])
         start = time.perf_counter()
-        tuned = generation.generate(self.model, *args, stops, seed)
-        base: list[Any] = [None] * len(tuned)
-        if self.compare_base:
-            with self.model.disable_adapter():
-                base = generation.generate(self.model, *args, stops, seed)
+        records, tokens = generation.answer_batch(self.model, self.tokenizer, batch, self.generation, self.compare_base)
         self._gen_seconds += time.perf_counter() - start
-        self._gen_tokens += sum(g.num_tokens for g in [*tuned, *base] if g)
-        fields = zip(batch["row"], batch["prompt"], batch["reference"], tuned, base)
-        return [
-            {"row": row, "prompt": prompt, "reference": reference, "prediction": t.text}
-            | ({"base_prediction": b.text} if b else {})
-            | {"num_tokens": t.num_tokens, "stopped": t.stopped}
-            | ({"base_num_tokens": b.num_tokens, "base_stopped": b.stopped} if b else {})
-            for row, prompt, reference, t, b in fields
-        ]
+        self._gen_tokens += tokens
+        return records
 
     def on_test_epoch_end(self) -> None:
         records = evaluation.gather_records(self._records)  # every rank's answers, in test-set order
@@ -444,47 +377,23 @@ class QLoRAModule(L.LightningModule):
 
     def _score_and_report(self, records: list[dict[str, Any]], rate: float) -> dict[str, float]:
         out = reporting.output_dir(run_dir(self.trainer), "test", self.trainer.ckpt_path, self.global_step)
-        predictions = reporting.write_predictions(out, records)  # before scoring: no generated answer is lost
+        reporting.write_predictions(out, records)  # before scoring: no generated answer is lost
         records, metrics, comparisons = evaluation.evaluate(records, self._scorer, self.bertscore)
         metrics["test/gen_tokens_per_sec"] = rate
-        metrics["test/gen_stopped_frac"] = sum(r["stopped"] for r in records) / len(records)  # ended at end-of-turn
-        paired = reporting.paired_summary(comparisons)
         info = {
             "bertscore_hash": evaluation.score_hash(self._scorer, self.bertscore),
-            "num_examples": len(records),
             "ckpt_path": self.trainer.ckpt_path,
-            "paired": {name: c.as_dict() for name, c in comparisons.items()} | ({"summary": paired} if paired else {}),
             **reporting.settings_dict(self.generation, self.bertscore),
         }
-        reporting.write_predictions(out, records)  # now with the scores
-        summary = reporting.write_metrics(out, metrics, info)
-        step = self.trainer.global_step
-        for logger in self.loggers:
-            experiment = logger.experiment
-            if hasattr(experiment, "add_text"):  # TensorBoard
-                experiment.add_text("test/examples", reporting.examples_markdown(records), step)
-                if paired:
-                    experiment.add_text("test/paired", "\n\n".join(paired), step)
-                tags = {"f1": "bertscore_f1", "base_f1": "base_bertscore_f1", "f1_delta": "bertscore_f1_delta"}
-                for key, tag in tags.items():
-                    if key in records[0]:
-                        values = np.array([r[key] for r in records])
-                        experiment.add_histogram(f"test/{tag}_per_example", values, step)
-        reporting.print_summary(metrics, info["bertscore_hash"], [predictions, summary], comparisons)
-        return metrics
+        return reporting.report_test(out, records, metrics, comparisons, info, self.loggers, self.trainer.global_step)
 
     # ---- optimizer ------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if hp.optimizer == "paged_adamw_8bit":
-            import bitsandbytes as bnb
-
-            optimizer = bnb.optim.PagedAdamW8bit(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        optimizer = training.build_optimizer(params, hp.optimizer, hp.learning_rate, hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        schedule = lr_lambda(hp.lr_schedule, hp.warmup_steps, total)
+        schedule = training.lr_lambda(hp.lr_schedule, hp.warmup_steps, total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -495,52 +404,3 @@ class QLoRAModule(L.LightningModule):
         self.model.save_pretrained(str(directory))
         self.tokenizer.save_pretrained(str(directory))
         return directory
-
-
-def describe_adapter(shapes: dict[str, tuple[int, ...]]) -> str:
-    """``q_proj,v_proj r=8, 2 layers, 8 tensors`` for a LoRA state dict's ``{name: shape}`` (PEFT's names).
-
-    Args:
-        shapes: parameter names as ``QLoRAModule`` holds them (``...layers.0.self_attn.q_proj.lora_A.default.weight``)
-            and their shapes.
-    """
-    if not shapes:
-        return "no adapter weights"
-    targets = sorted({name.split(".lora_")[0].rsplit(".", 1)[-1] for name in shapes if ".lora_" in name})
-    ranks = sorted({shape[0] for name, shape in shapes.items() if ".lora_A." in name})
-    layers = {name.split(".layers.")[1].split(".")[0] for name in shapes if ".layers." in name}
-    dora = " DoRA" if any("lora_magnitude_vector" in name for name in shapes) else ""
-    rank = "r=" + "/".join(map(str, ranks)) if ranks else "no rank"
-    return f"{','.join(targets) or 'no LoRA layer'} {rank}{dora}, {len(layers)} layers, {len(shapes)} tensors"
-
-
-def _numpy_state_to_plain(state: tuple) -> dict[str, Any]:
-    name, keys, pos, has_gauss, cached = state
-    return {
-        "name": name,
-        "keys": torch.from_numpy(keys.astype(np.int64)),
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "cached": float(cached),
-    }
-
-
-def _numpy_state_from_plain(state: dict[str, Any]) -> tuple:
-    keys = state["keys"].numpy().astype(np.uint32)
-    return state["name"], keys, state["pos"], state["has_gauss"], state["cached"]
-
-
-def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Any:
-    """Learning-rate multiplier per optimizer step: linear warmup, then cosine / linear decay to 0, or constant."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-
-    if schedule not in ("cosine", "linear", "constant"):
-        raise ValueError(f"lr_schedule must be cosine, linear or constant, got {schedule!r}")
-    return factor

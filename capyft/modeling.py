@@ -302,6 +302,29 @@ def check_logit_transform(model: Any, tokens: int = 8) -> None:
 FSDP_PARAM_DTYPES = {"16": "float16", "bf16": "bfloat16", "32": "float32"}  # Lightning's FSDP cast per precision
 
 
+def check_fsdp(
+    strategy_kwargs: dict[str, Any], load_in_4bit: bool, quant_storage: str | None, dtype: str, precision: Any
+) -> None:
+    """Under FSDP: refuses a 4-bit storage dtype FSDP cannot shard or a missing wrap policy, and warns that the path
+    is unmeasured.
+
+    Raises:
+        ValueError: naming the setting to change.
+    """
+    if load_in_4bit:
+        check_fsdp_quant_storage(quant_storage, dtype, precision)
+    if dtype != "float32" and strategy_kwargs.get("auto_wrap_policy") is None:
+        raise ValueError(
+            f"FSDP needs one dtype per unit, and the LoRA weights are float32 in a {dtype} model: set "
+            "--trainer.strategy.auto_wrap_policy=capyft.modeling.fsdp_auto_wrap_policy (a unit per decoder "
+            "layer and per LoRA weight)"
+        )
+    log.warning(
+        "FSDP has not been run with capyft on a GPU yet; check that adapter/final and the checkpoints hold the "
+        "full adapter before relying on them (docs/multi-gpu.md)"
+    )
+
+
 def check_fsdp_quant_storage(quant_storage: str | None, compute_dtype: str, precision: str | int) -> None:
     """Raises unless FSDP can shard the 4-bit weights of this configuration.
 

@@ -14,6 +14,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from capyft.evaluation import BERTScoreSettings
 from capyft.generation import GenerationSettings
 from capyft.stats import PairedComparison
@@ -139,3 +141,41 @@ def log_text(loggers: list[Any], tag: str, text: str, step: int) -> None:
         experiment = logger.experiment
         if hasattr(experiment, "add_text"):
             experiment.add_text(tag, text, step)
+
+
+def report_test(
+    out: Path,
+    records: list[dict[str, Any]],
+    metrics: dict[str, float],
+    comparisons: dict[str, PairedComparison],
+    info: dict[str, Any],
+    loggers: list[Any],
+    step: int,
+) -> dict[str, float]:
+    """Everything a scored test leaves: ``predictions.jsonl`` with the scores, ``test_metrics.json`` (metrics, the
+    paired statistics and ``info``), TensorBoard text and per-example histograms, and the printed table.
+
+    Returns:
+        ``metrics`` with ``test/gen_stopped_frac`` (the share of answers that ended at an end-of-turn) added.
+    """
+    metrics["test/gen_stopped_frac"] = sum(r["stopped"] for r in records) / len(records)
+    paired = paired_summary(comparisons)
+    info = {
+        **info,
+        "num_examples": len(records),
+        "paired": {name: c.as_dict() for name, c in comparisons.items()} | ({"summary": paired} if paired else {}),
+    }
+    predictions = write_predictions(out, records)  # now with the scores
+    summary = write_metrics(out, metrics, info)
+    log_text(loggers, "test/examples", examples_markdown(records), step)
+    if paired:
+        log_text(loggers, "test/paired", "\n\n".join(paired), step)
+    tags = {"f1": "bertscore_f1", "base_f1": "base_bertscore_f1", "f1_delta": "bertscore_f1_delta"}
+    for logger in loggers:
+        experiment = logger.experiment
+        if hasattr(experiment, "add_histogram"):  # TensorBoard
+            for key, tag in tags.items():
+                if key in records[0]:
+                    experiment.add_histogram(f"test/{tag}_per_example", np.array([r[key] for r in records]), step)
+    print_summary(metrics, info["bertscore_hash"], [predictions, summary], comparisons)
+    return metrics

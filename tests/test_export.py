@@ -1,4 +1,4 @@
-"""``python -m capyft export`` and ``chat`` on a tiny Llama trained for 2 steps (whole file: ~30 s on CPU)."""
+"""``python -m capyft export`` and ``chat`` on a tiny Llama trained for 2 steps (whole file: ~60 s on CPU)."""
 
 import io
 import json
@@ -14,17 +14,11 @@ from safetensors.torch import load_file
 from capyft import cli
 from capyft.assets import smollm2_dir
 from capyft.chat import encode_prompt, end_of_turn_ids, render
-from capyft.checkpoints import checkpoint_hparams, load_checkpoint
-from capyft.conversation import (
-    ChatSession,
-    generation_config,
-    load_for_inference,
-    predict_file,
-    prompt_and_reference,
-    repl,
-)
+from capyft.checkpoints import checkpoint_hparams, load_checkpoint, load_for_inference
+from capyft.conversation import ChatSession, ContextError, fit_to_context, predict_file, prompt_and_reference, repl
 from capyft.data import SAMPLE_DATA
 from capyft.export import export
+from capyft.generation import GenerationSettings
 from capyft.levers import disable_cpu_weight_packing
 from capyft.tiny import make_tiny_llama
 
@@ -38,14 +32,16 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(tiny, tmp_path_factory):
-    """A real run dir: 2 QLoRA steps (4-bit base) at a high learning rate, so LoRA B is far from its zero init."""
+    """A real run dir: 2 QLoRA steps (4-bit base) at a high learning rate, so LoRA B is far from its zero init; its
+    config.yaml saves 7 new tokens as the generation setting (chat's default)."""
     save_dir = tmp_path_factory.mktemp("runs")
     # fmt: off
     cli.main([
         "fit", "--seed_everything", "0",
         "--model.model_name_or_path", str(tiny), "--model.compute_dtype", "float32",
         "--model.lora_r", "8", "--model.lora_alpha", "16", "--model.learning_rate", "0.02", "--model.warmup_steps", "0",
-        "--data.source", str(SAMPLE_DATA), "--data.train_size", "4", "--data.val_size", "2", "--data.test_size", "0",
+        "--model.generation.max_new_tokens", "7",
+        "--data.source", str(SAMPLE_DATA), "--data.train_size", "4", "--data.val_size", "2", "--data.test_size", "2",
         "--data.max_length", "256", "--data.batch_size", "2",
         "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.max_steps", "2",
         "--trainer.max_epochs", "-1", "--trainer.val_check_interval", "2",
@@ -137,28 +133,85 @@ def test_adapter_export_loads_with_plain_peft_and_gives_the_module_logits(
     assert (exported - base_only).abs().max() > 0.1  # the adapter matters: LoRA B trained away from zero
 
 
-def test_merged_model_equals_base_plus_adapter(ckpt, run, adapter_out, tiny, tokenizer, input_ids, tmp_path):
+def evaluated_logits(ckpt, input_ids):
+    """The model as evaluated, 4-bit base + adapter, unmerged, computed in float32."""
+    model, _, _ = load_for_inference(ckpt_path=ckpt, dtype="float32", device="cpu")
+    with torch.no_grad():
+        with_adapter = logits(model, input_ids)
+        with model.disable_adapter():
+            without = logits(model, input_ids)
+    return with_adapter, without
+
+
+def kl(reference, candidate):
+    ref = torch.log_softmax(reference, -1)
+    return float((ref.exp() * (ref - torch.log_softmax(candidate, -1))).sum(-1).mean())
+
+
+def test_merge_defaults_to_the_evaluated_quantized_base_and_reports_fidelity(
+    ckpt, run, adapter_out, tiny, tokenizer, input_ids, tmp_path, capsys
+):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     merged_dir = tmp_path / "merged"
-    assert (
-        cli.main(["export", "--ckpt_path", str(ckpt), "--out", str(merged_dir), "--merge", "--dtype", "float32"]) == 0
-    )
+    assert cli.main(["export", "--ckpt_path", str(ckpt), "--out", str(merged_dir), "--merge"]) == 0
     assert not any(name.startswith("adapter_") for name in os.listdir(merged_dir))
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir)  # a plain transformers folder, no peft needed
-    assert merged.dtype == torch.float32
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)  # a plain transformers folder: no peft, no 4-bit
+    assert merged.dtype == torch.float32 and getattr(merged.config, "quantization_config", None) is None
     assert set(end_of_turn_ids(tokenizer)) <= set(merged.generation_config.eos_token_id)
+    evaluated, without_adapter = evaluated_logits(ckpt, input_ids)
     merged_logits = logits(merged, input_ids)
-    unmerged = logits(PeftModel.from_pretrained(plain_base(tiny), adapter_out), input_ids)
-    assert torch.allclose(merged_logits, unmerged, atol=1e-4), (merged_logits - unmerged).abs().max()
-    assert (merged_logits - logits(plain_base(tiny), input_ids)).abs().max() > 0.1
+    # the merged model is the evaluated one: KL < 1e-6 (measured ~1e-12) and the same greedy token everywhere
+    assert kl(evaluated, merged_logits) < 1e-6
+    assert torch.equal(merged_logits.argmax(-1), evaluated.argmax(-1))
+    assert kl(evaluated, without_adapter) > 0.01  # while the adapter itself matters
 
-    # from the run's PEFT adapter folder instead of the checkpoint: the same merged model
-    from_adapter = export(tmp_path / "merged2", adapter=run / "adapter" / "final", merge=True, dtype="float32")
+    fidelity = json.loads((merged_dir / "fidelity.json").read_text())
+    assert fidelity["merge_base"] == "quantized" and fidelity["saved_dtype"] == "float32"
+    assert fidelity["mean_kl"] < 1e-6 and fidelity["next_token_agreement"] == 1.0
+    assert fidelity["adapter_kl"] > 0.01 and fidelity["adapter_effect_kept"] == pytest.approx(1.0, abs=1e-3)
+    assert fidelity["conversations"] == f"test rows of {SAMPLE_DATA}" and fidelity["tokens"] > 100
+    assert "warning" not in fidelity
+    assert f"mean KL {fidelity['mean_kl']:.3g}, next-token agreement 100.0%" in capsys.readouterr().out
+
+    # the original 16/32-bit base, on request: equal to that base + adapter, and measured as further from what
+    # was evaluated (the tiny model's random weights lose much to NF4)
+    original_dir = export(tmp_path / "original", ckpt_path=ckpt, merge=True, merge_base="original")
+    original = logits(AutoModelForCausalLM.from_pretrained(original_dir), input_ids)
+    unmerged = logits(PeftModel.from_pretrained(plain_base(tiny), adapter_out), input_ids)
+    assert torch.allclose(original, unmerged, atol=1e-4), (original - unmerged).abs().max()
+    original_fidelity = json.loads((original_dir / "fidelity.json").read_text())
+    assert original_fidelity["merge_base"] == "original"
+    assert original_fidelity["mean_kl"] > 1000 * max(fidelity["mean_kl"], 1e-9)
+
+    # from the run's PEFT adapter folder instead of the checkpoint (quantization read from the run's config.yaml)
+    from_adapter = export(tmp_path / "merged2", adapter=run / "adapter" / "final", merge=True)
     assert torch.allclose(
         logits(AutoModelForCausalLM.from_pretrained(from_adapter), input_ids), merged_logits, atol=1e-5
     )
+
+
+def test_bfloat16_merge_is_measured_as_saved_and_warns_past_the_tolerance(ckpt, input_ids, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from capyft import export as export_module
+
+    out = export(tmp_path / "bf16", ckpt_path=ckpt, merge=True, dtype="bfloat16")
+    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    fidelity = json.loads((out / "fidelity.json").read_text())
+    assert fidelity["saved_dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+    # fidelity.json measures the saved (rounded) weights: recompute it from the saved folder
+    evaluated, _ = evaluated_logits(ckpt, input_ids)
+    assert kl(evaluated, logits(saved, input_ids)) > 1e-6  # rounding to bf16 costs something ...
+    assert fidelity["mean_kl"] > 1e-6 and fidelity["kl_share_of_adapter_effect"] < 0.1  # ... little here
+    # past the tolerance export warns, in fidelity.json too (SmolLM2 with a small adapter: bf16 loses ~1/3)
+    monkeypatch.setattr(export_module, "FIDELITY_TOLERANCE", fidelity["kl_share_of_adapter_effect"] / 2)
+    warned = json.loads(
+        (export(tmp_path / "bf16b", ckpt_path=ckpt, merge=True, dtype="bfloat16") / "fidelity.json").read_text()
+    )
+    assert "merge with --merge_base quantized --dtype float32" in warned["warning"]
 
 
 def test_adapter_export_casts_to_dtype(ckpt, run, adapter_out, tmp_path):
@@ -183,7 +236,7 @@ class Opaque:  # any pickled class: weights_only loading must refuse it
     pass
 
 
-def test_export_errors(ckpt, tmp_path):
+def test_export_errors(ckpt, adapter_out, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.ckpt")
     with pytest.raises(ValueError, match="is a directory"):
@@ -208,6 +261,8 @@ def test_export_errors(ckpt, tmp_path):
         export(tmp_path / "full", ckpt_path=ckpt)
     with pytest.raises(ValueError, match="exactly one source"):
         export(tmp_path / "out", ckpt_path=ckpt, adapter=tmp_path)
+    with pytest.raises(ValueError, match="not inside a capyft run dir .* or merge into --merge_base original"):
+        export(tmp_path / "out", adapter=adapter_out, merge=True)  # how the base was quantized is unknown
     with pytest.raises(SystemExit):  # argparse: usage + message, exit status 2
         cli.main(["export", "--ckpt_path", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "o")])
 
@@ -219,7 +274,7 @@ def loaded(ckpt):
 
 def test_chat_repl_streams_answers_and_keeps_history(loaded, monkeypatch):
     model, tokenizer, _ = loaded
-    session = ChatSession(model, tokenizer, generation_config(tokenizer, max_new_tokens=6))
+    session = ChatSession(model, tokenizer, GenerationSettings(max_new_tokens=6))
     prompts, histories = [], []
     generate = model.generate
 
@@ -278,14 +333,14 @@ def test_batch_prediction_writes_one_answer_per_row_in_order(ckpt, loaded, tmp_p
 
     # left-padded batches answer exactly as one prompt at a time (greedy)
     model, tokenizer, _ = loaded
-    config = generation_config(tokenizer, max_new_tokens=6)
-    assert ChatSession(model, tokenizer, config).reply("What is 2+2?") == out[0]["answer"]
-    predict_file(model, tokenizer, src, tmp_path / "one_by_one.jsonl", config, batch_size=1)
+    settings = GenerationSettings(max_new_tokens=6)
+    assert ChatSession(model, tokenizer, settings).reply("What is 2+2?") == out[0]["answer"]
+    predict_file(model, tokenizer, src, tmp_path / "one_by_one.jsonl", settings, batch_size=1)
     one_by_one = [json.loads(line)["answer"] for line in (tmp_path / "one_by_one.jsonl").read_text().splitlines()]
     assert one_by_one == [r["answer"] for r in out]
 
 
-def test_prompt_and_reference_rules(tmp_path):
+def test_prompt_and_reference_rules(loaded, tmp_path):
     user, bot = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
     assert prompt_and_reference([user, bot, user]) == ([user, bot, user], None)
     assert prompt_and_reference([user, bot, user, bot]) == ([user, bot, user], "a")
@@ -296,4 +351,94 @@ def test_prompt_and_reference_rules(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "q"}]}\nnot json\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
-        predict_file(None, None, bad, tmp_path / "o.jsonl", None)
+        predict_file(loaded[0], loaded[1], bad, tmp_path / "o.jsonl", GenerationSettings())
+
+
+def test_chat_serves_the_scored_4bit_model_and_answers_as_the_test_hook(ckpt, run, loaded, input_ids, tmp_path):
+    """chat on CPU loads the 4-bit base + adapter that `test` scored, with the run's generation settings (7 new
+    tokens, from its config.yaml), and `chat --input` answers each test prompt exactly as `test` did."""
+    import bitsandbytes as bnb
+
+    from capyft.assets import minilm_dir
+    from capyft.model import QLoRAModule
+
+    checkpoint = load_checkpoint(ckpt)
+    hparams = {k: v for k, v in checkpoint_hparams(checkpoint).items() if not k.startswith("_")}
+    module = QLoRAModule(**hparams)
+    module.configure_model()
+    module.load_state_dict(checkpoint["state_dict"], strict=False)
+    model = loaded[0]
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())  # 4-bit on CPU, as trained
+    assert torch.equal(logits(model, input_ids), logits(module.model, input_ids))
+
+    # fmt: off
+    cli.main([
+        "test", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt),
+        "--model.bertscore.model_type", str(minilm_dir()), "--model.bertscore.num_layers", "6",
+    ])
+    # fmt: on
+    predictions = max(run.glob("**/predictions.jsonl"), key=lambda p: p.stat().st_mtime)
+    hook = [json.loads(line) for line in predictions.read_text().splitlines()]
+    src, dst = tmp_path / "test_rows.jsonl", tmp_path / "answers.jsonl"
+    rows = [json.loads(line) for line in SAMPLE_DATA.read_text().splitlines()][6:8]  # test rows: after 4 + 2
+    src.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert cli.main(["chat", "--ckpt_path", str(ckpt), "--input", str(src), "--output", str(dst)]) == 0
+    answers = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert [a["reference"] for a in answers] == [r["reference"] for r in hook]  # the same prompts
+    assert [a["answer"] for a in answers] == [r["prediction"] for r in hook] and len(hook) == 2
+    assert any(r["num_tokens"] == 7 and not r["stopped"] for r in hook)  # the run's 7 tokens, not a chat default
+
+
+def test_fit_to_context_drops_the_oldest_turns_and_keeps_system_and_newest(tokenizer):
+    system = {"role": "system", "content": "Be brief."}
+    turns = [
+        [{"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": f"answer {i} " * 5}]
+        for i in range(3)
+    ]
+    newest = {"role": "user", "content": "and now?"}
+    messages = [system, *turns[0], *turns[1], *turns[2], newest]
+    kept_two_turns_ago = [system, *turns[2], newest]
+    budget = len(encode_prompt(kept_two_turns_ago, tokenizer))
+    ids, kept, dropped = fit_to_context(messages, tokenizer, None, budget)
+    assert (kept, dropped) == (kept_two_turns_ago, 2) and ids == encode_prompt(kept, tokenizer)
+    assert fit_to_context(messages, tokenizer, None, None)[1:] == (messages, 0)
+    alone = len(encode_prompt([system, newest], tokenizer))
+    assert fit_to_context(messages, tokenizer, None, alone)[1:] == ([system, newest], 3)
+    with pytest.raises(ContextError, match=f"the message is {alone} tokens .* but only {alone - 1} fit"):
+        fit_to_context(messages, tokenizer, None, alone - 1)
+
+
+def test_chat_trims_history_to_the_context_and_refuses_a_message_too_long(loaded, monkeypatch):
+    model, tokenizer, _ = loaded
+    settings = GenerationSettings(max_new_tokens=6)
+    first = [{"role": "user", "content": "hello " * 10}]
+    max_context = len(encode_prompt(first, tokenizer)) + 6 + 8  # room for one exchange, not for two
+    session = ChatSession(model, tokenizer, settings, max_context=max_context)
+    lengths = []
+    generate = model.generate
+
+    def recording_generate(**kwargs):
+        lengths.append(kwargs["input_ids"].shape[1])
+        return generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", recording_generate)
+    stdout = io.StringIO()
+    repl(
+        session,
+        io.StringIO("hello " * 10 + "\n" + "second " * 8 + "\n" + "long " * 200 + "\n" + "third " * 8 + "\n/exit\n"),
+        stdout,
+    )
+    text = stdout.getvalue()
+    assert text.count("(dropped 1 old turn to fit the context)") == 2  # at "second" and at "third"
+    assert "(not sent: the message is" in text and "shorten it, or lower --max_new_tokens" in text
+    assert len(lengths) == 3 and all(n + 6 <= max_context for n in lengths)
+    assert [m["role"] for m in session.messages] == ["user", "assistant"] and session.messages[0]["content"] == (
+        "third " * 8
+    ).strip()
+
+
+def test_chat_cli_max_context(ckpt, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\nhi again\n/exit\n"))
+    assert cli.main(["chat", "--ckpt_path", str(ckpt), "--max_new_tokens", "4", "--max_context", "40"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("assistant> ") == 2 and "(dropped 1 old turn to fit the context)" in out
