@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -29,6 +28,7 @@ from capyft.callbacks import (
 from capyft.checkpoints import AtomicCheckpointIO
 from capyft.datamodule import ChatDataModule
 from capyft.model import MONITOR, QLoRAModule
+from capyft.parsing import one_line, raised_by_capyft
 from capyft.progress import StepProgress
 
 log = logging.getLogger("capyft")
@@ -48,16 +48,10 @@ class CapyArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:
             super().error(message, ex)
-        message = re.sub(r"(?:an? )?<class '(?:[\w.]+\.)?(\w+)'>", r"\1", " ".join(message.split()))
-        if len(message) > 500:
-            message = message[:500] + " ..."
-        if message.startswith("unrecognized arguments"):
-            message += " (a misspelled or unknown key)"
         prog = (getattr(ex, "subcommand_parser", None) or self).prog.split()
-        sub = f" {prog[-1]}" if len(prog) > 1 else ""
         if message.startswith("invalid choice") or "subcommand" in message:
             message += f" (also: {', '.join(EXTRA_COMMANDS)})"
-        sys.stderr.write(f"error: {message}; `python -m capyft{sub} --help` lists every key\n")
+        sys.stderr.write(one_line(message, "python -m capyft" + (f" {prog[-1]}" if len(prog) > 1 else "")))
         self.exit(2)
 
 
@@ -228,7 +222,10 @@ def run(args: list[str] | None = None) -> int:
         log.warning("stopped by SIGTERM; continue with the same command plus --ckpt_path last")
         return 143
     except (torch.cuda.OutOfMemoryError, NonFiniteError, ValueError, FileNotFoundError) as err:
-        if os.environ.get("CAPYFT_TRACEBACK") or not _raised_by_capyft(err):
+        expected = isinstance(err, (NonFiniteError, torch.cuda.OutOfMemoryError)) and not os.environ.get(
+            "CAPYFT_TRACEBACK"
+        )
+        if not expected and not raised_by_capyft(err):
             raise
         if isinstance(err, torch.cuda.OutOfMemoryError):  # OutOfMemoryAdvice has logged what to lower
             log.error("stopped: %s", str(err).strip().splitlines()[0] if str(err).strip() else "CUDA out of memory")
@@ -236,13 +233,3 @@ def run(args: list[str] | None = None) -> int:
         log.error("%s", err)
         return 1 if isinstance(err, NonFiniteError) else 2
     return result if isinstance(result, int) else 0
-
-
-def _raised_by_capyft(err: BaseException) -> bool:
-    """Whether capyft raised ``err`` on purpose (its message then names the fix), not a library deep down."""
-    if isinstance(err, (checks.ConfigError, NonFiniteError, torch.cuda.OutOfMemoryError)):
-        return True
-    tb = err.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and Path(tb.tb_frame.f_code.co_filename).parent == Path(__file__).parent

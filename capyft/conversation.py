@@ -16,7 +16,6 @@ dropped (the system message and the newest user message stay) and the terminal s
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -29,7 +28,9 @@ import torch
 
 from capyft.chat import ROLES, encode_prompt, split_prompt_reference
 from capyft.checkpoints import load_for_inference, run_config
+from capyft.checks import check_writable
 from capyft.generation import GenerationSettings, generate, stop_ids
+from capyft.parsing import CommandParser, run_command
 
 log = logging.getLogger(__name__)
 HELP = "/reset clears the conversation, /exit (or Ctrl-D) quits"
@@ -394,6 +395,24 @@ def chat(
 ) -> int:
     """Loads the model as scored and chats in the terminal, or answers ``input`` into ``output``.
 
+    Args:
+        ckpt_path: a capyft ``.ckpt`` (``runs/<name>/version_N/checkpoints/*.ckpt``).
+        adapter: a PEFT adapter folder (``runs/<name>/version_N/adapter/best``), instead of ``ckpt_path``.
+        model: the base model dir or hub id; alone, chat with the base model.
+        system: system prompt (default: the one the run trained with, if any).
+        max_new_tokens: most new tokens per answer (default: the run's ``model.generation``, else 100).
+        temperature: 0: greedy; > 0: sampling (default: the run's settings).
+        top_p: nucleus sampling mass (default: the run's settings).
+        seed: seed for sampling (default: the run's settings).
+        load_in_4bit: quantize the base (default: as trained, on CPU too).
+        dtype: weights / compute dtype, ``float16``, ``bfloat16`` or ``float32`` (default: as trained).
+        input: a JSONL of conversations to answer (batch mode, with ``output``).
+        output: the JSONL to write the answers to; checked writable before the model loads.
+        batch_size: prompts per generate call (batch mode).
+        max_context: prompt + answer tokens (default: the model's context); older turns are dropped to fit.
+        stdin: where the chat reads from (default ``sys.stdin``).
+        stdout: where it writes (default ``sys.stdout``).
+
     Generation settings default to the run's saved ``model.generation`` (:func:`run_generation_settings`); the
     other arguments override them (see :func:`chat_settings`). The system prompt defaults to the one the run trained
     with.
@@ -407,6 +426,8 @@ def chat(
     """
     if (input is None) != (output is None):
         raise ValueError("--input and --output go together")
+    if output is not None:
+        check_writable(output, "--output")  # before the model loads, not after every answer is generated
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_context is not None and max_context < 2:
@@ -425,16 +446,8 @@ def chat(
     return 0
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
-    """``python -m capyft chat``: parses the arguments and runs :func:`chat`.
+    """``python -m capyft chat``: the arguments of :func:`chat` as flags.
 
     Args:
         argv: the arguments after ``chat`` (default: ``sys.argv[1:]``, for ``python -m capyft.conversation``).
@@ -444,47 +457,12 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
     Returns:
         The exit status.
     """
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m capyft chat",
         description="Chat with a fine-tuned model in the terminal (/reset, /exit), or answer a JSONL of conversations.",
     )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--ckpt_path", help="a capyft .ckpt (runs/<name>/version_N/checkpoints/*.ckpt)")
-    source.add_argument("--adapter", help="a PEFT adapter folder (runs/<name>/version_N/adapter/best)")
-    parser.add_argument("--model", help="base model dir or hub id (alone: chat with the base model)")
-    parser.add_argument("--system", help="system prompt (default: the one the run trained with, if any)")
-    parser.add_argument("--max_new_tokens", type=int, help="default: the run's model.generation (else 100)")
-    parser.add_argument("--temperature", type=float, help="0: greedy; > 0: sampling (default: the run's settings)")
-    parser.add_argument("--top_p", type=float, help="nucleus sampling mass (default: the run's settings)")
-    parser.add_argument("--seed", type=int, help="seed for sampling (default: the run's settings)")
-    parser.add_argument("--load_in_4bit", type=_bool, help="true/false (default: as trained, on CPU too)")
-    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="weights / compute dtype")
-    parser.add_argument("--max_context", type=int, help="prompt + answer tokens (default: the model's context)")
-    parser.add_argument("--input", help="JSONL of conversations to answer (batch mode)")
-    parser.add_argument("--output", help="JSONL to write the answers to (with --input)")
-    parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate call (batch mode)")
-    args = parser.parse_args(argv)
-    try:
-        return chat(
-            args.ckpt_path,
-            args.adapter,
-            args.model,
-            args.system,
-            args.max_new_tokens,
-            args.temperature,
-            args.top_p,
-            args.seed,
-            args.load_in_4bit,
-            args.dtype,
-            args.input,
-            args.output,
-            args.batch_size,
-            args.max_context,
-            stdin,
-            stdout,
-        )
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+    parser.add_function_arguments(chat, skip={"stdin", "stdout"})
+    return run_command(parser, argv, chat, stdin=stdin, stdout=stdout)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Both kinds of export write the tokenizer and its chat template next to the weigh
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from jsonargparse import ActionYesNo
 
 from capyft.checkpoints import (
     adapter_base,
@@ -46,6 +46,7 @@ from capyft.checkpoints import (
 )
 from capyft.fidelity import compare_logits, encode, fidelity_summary, held_out_conversations, logits
 from capyft.modeling import load_base_model, load_tokenizer, to_dtype
+from capyft.parsing import CommandParser, run_command
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +282,7 @@ def _set_end_of_turn(model: Any, tokenizer: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m capyft export``: parses the arguments and runs :func:`export`.
+    """``python -m capyft export``: the arguments of :func:`export` as flags (``--merge`` alone turns merging on).
 
     Args:
         argv: the arguments after ``export`` (default: ``sys.argv[1:]``, for ``python -m capyft.export``).
@@ -289,46 +290,18 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The exit status.
     """
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m capyft export",
         description="Write a capyft checkpoint's or adapter folder's LoRA as a PEFT adapter, or merged into its base.",
     )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt_path", help="a capyft .ckpt (runs/<name>/version_N/checkpoints/*.ckpt)")
-    source.add_argument("--adapter", help="a PEFT adapter folder (runs/<name>/version_N/adapter/best)")
-    parser.add_argument("--out", required=True, help="folder to write (new or empty)")
-    parser.add_argument("--merge", action="store_true", help="merge LoRA into its base; save a plain model")
-    parser.add_argument(
-        "--dtype",
-        choices=["float16", "bfloat16", "float32"],
-        help="dtype of the saved weights (merged default: float32, which keeps the adapter's effect)",
-    )
-    parser.add_argument("--model", help="base model dir or hub id, overriding the one the source names")
-    parser.add_argument(
-        "--merge_base",
-        choices=["quantized", "original"],
-        default="quantized",
-        help="quantized (default): the base as trained and evaluated (4-bit dequantized); original: its 16-bit weights",
-    )
-    parser.add_argument("--fidelity_data", help="data file whose first conversations measure the merge")
-    parser.add_argument("--fidelity_rows", type=int, default=4, help="conversations that measure the merge")
-    args = parser.parse_args(argv)
-    try:
-        out = export(
-            args.out,
-            args.ckpt_path,
-            args.adapter,
-            args.merge,
-            args.dtype,
-            args.model,
-            args.merge_base,
-            args.fidelity_data,
-            args.fidelity_rows,
-        )
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        parser.error(str(err))
-    print(out)
-    return 0
+    parser.add_function_arguments(export, skip={"merge"})
+    parser.add_argument("--merge", action=ActionYesNo, default=False, help="merge LoRA into its base (--no_merge)")
+
+    def command(**values: Any) -> int:
+        print(export(**values))
+        return 0
+
+    return run_command(parser, argv, command)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ class QLoRAModule(L.LightningModule):
             vocabulary in 16 bits; only the looked-up rows travel). Skipped on CPU or when tied to the output head.
         compile_layers: regional ``torch.compile`` of each decoder layer (one graph for all layers, dynamic
             lengths): fewer kernel launches per step; the first step pays ~10-15 s of compiling for an 8B model.
+            Turns ``liger_kernels`` off (inductor fuses the same elementwise work).
         optimizer: ``adamw`` (torch) or ``paged_adamw_8bit`` (bitsandbytes; GPU).
         learning_rate: peak learning rate (QLoRA: 2e-4).
         weight_decay: AdamW weight decay on the adapter weights.
@@ -155,7 +156,8 @@ class QLoRAModule(L.LightningModule):
             hp.attn_implementation,
             device,
             hp.trust_remote_code,
-            liger_kernels=hp.liger_kernels,
+            # Liger's autograd functions fail to trace under torch.compile (torch 2.11, liger-kernel 0.8.5, H200)
+            liger_kernels=hp.liger_kernels and not hp.get("compile_layers"),
             offload_embeddings=hp.offload_embeddings,
         )
         lora = build_lora_config(

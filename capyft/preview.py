@@ -18,6 +18,7 @@ from typing import Any
 
 from capyft import checks
 from capyft.chat import IGNORE_INDEX
+from capyft.parsing import one_line, raised_by_capyft
 
 log = logging.getLogger(__name__)
 
@@ -262,10 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         data = load_data(cfg.model.model_name_or_path, cfg.data.as_dict())
         report = build_report(data, cfg.examples, cfg.split, cfg.data.on_bad_row)
     except (argparse.ArgumentError, ValueError, FileNotFoundError) as err:
-        if not isinstance(err, argparse.ArgumentError) and not _raised_by_capyft(err):
+        if not isinstance(err, argparse.ArgumentError) and not raised_by_capyft(err):
             raise  # a library's own failure keeps its traceback
         message = " ".join(str(err).split())
-        sys.stderr.write(f"error: {message}; `python -m capyft data --help` lists every option\n")
+        sys.stderr.write(one_line(message, "python -m capyft data"))
         return 2
     color = cfg.color == "always" or (cfg.color == "auto" and sys.stdout.isatty() and "NO_COLOR" not in os.environ)
     sys.stdout.write(format_text(report, "ansi" if color else "plain"))
@@ -274,13 +275,3 @@ def main(argv: list[str] | None = None) -> int:
         Path(cfg.out).expanduser().write_text(format_html(report), encoding="utf-8")
         sys.stdout.write(f"wrote {cfg.out}\n")
     return 0
-
-
-def _raised_by_capyft(err: BaseException) -> bool:
-    """Whether capyft raised ``err`` on purpose (its message names the fix), not a library deep down."""
-    if isinstance(err, checks.ConfigError) or os.environ.get("CAPYFT_TRACEBACK"):
-        return not os.environ.get("CAPYFT_TRACEBACK")
-    tb = err.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and Path(tb.tb_frame.f_code.co_filename).parent == Path(__file__).parent

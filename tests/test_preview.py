@@ -132,7 +132,7 @@ def test_errors_are_one_line_with_status_2(tiny_model, capsys, args, message):
     assert preview.main([*base, *args]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "examples/s" not in line]
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
-    assert err[0].endswith("`python -m capyft data --help` lists every option")
+    assert err[0].endswith("`python -m capyft data --help` lists every key")  # the format of every command
 
 
 def test_malformed_jsonl_names_the_line(tiny_model, tmp_path, capsys):
