@@ -9,12 +9,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from capyft.batching import ChatCollator, StepBatchSampler, TaggedDataset
 from capyft.chat import encode_prompt, split_prompt_reference
 from capyft.data import (
     BadRow,
-    ChatCollator,
-    StepBatchSampler,
-    TaggedDataset,
     load_source,
     split_source,
     split_stats,

@@ -10,12 +10,10 @@ import datasets
 import pytest
 import torch
 
+from capyft.batching import ChatCollator, StepBatchSampler, TaggedDataset
 from capyft.chat import IGNORE_INDEX, encode_conversation
 from capyft.data import (
     SAMPLE_DATA,
-    ChatCollator,
-    StepBatchSampler,
-    TaggedDataset,
     cut,
     load_source,
     split_source,

@@ -12,10 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from capyft import cli
+from capyft.answers import ContextError, fit_to_context, predict_file, prompt_and_reference
 from capyft.assets import smollm2_dir
 from capyft.chat import encode_prompt, end_of_turn_ids, render
 from capyft.checkpoints import checkpoint_hparams, load_checkpoint, load_for_inference
-from capyft.conversation import ChatSession, ContextError, fit_to_context, predict_file, prompt_and_reference, repl
+from capyft.conversation import ChatSession, repl
 from capyft.data import SAMPLE_DATA
 from capyft.export import export
 from capyft.generation import GenerationSettings
