@@ -59,7 +59,7 @@ class CapyCLI(LightningCLI):
     """LightningCLI with capyft's links, checkpointing defaults and device-aware precision."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("model.model_name_or_path", "data.tokenizer")
+        parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
         parser.add_lightning_class_args(RunCheckpoints, "checkpoint")
         parser.add_lightning_class_args(NonFiniteGuard, "guard")
         parser.set_defaults(
@@ -142,10 +142,10 @@ class CapyCLI(LightningCLI):
         if data is None or data.tokenizer is not None:
             return
         try:
-            data.tokenizer = load_tokenizer(data.hparams.tokenizer)
+            data.tokenizer = load_tokenizer(data.hparams.tokenizer_name_or_path)
         except OSError as err:
             raise checks.ConfigError(
-                f"model.model_name_or_path: no tokenizer in {data.hparams.tokenizer}: {err}"
+                f"model.model_name_or_path: no tokenizer in {data.hparams.tokenizer_name_or_path}: {err}"
             ) from err
         checks.check_max_length(data.hparams.max_length, data.tokenizer, data.hparams.system_prompt)
 

@@ -29,7 +29,8 @@ class ChatDataModule(L.LightningDataModule):
     """Multi-turn chat data for fine-tuning and for the generation test.
 
     Args:
-        tokenizer: model id or local dir of the tokenizer (linked to ``model.model_name_or_path`` by the CLI).
+        tokenizer_name_or_path: hub id or local dir of the tokenizer (linked to ``model.model_name_or_path`` by the
+            CLI); the loaded tokenizer is ``self.tokenizer``.
         source: hub id (e.g. ``trl-lib/Capybara``) or a local ``.jsonl``/``.json``/``.parquet`` file or
             ``save_to_disk`` dir; rows in trl's ``messages`` or LDJnr's ``conversation`` schema.
         train_size: training conversations, the first of the training split (None: all not carved off).
@@ -60,7 +61,7 @@ class ChatDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        tokenizer: str,
+        tokenizer_name_or_path: str,
         source: str = "trl-lib/Capybara",
         train_size: int | None = 500,
         val_size: int = 20,
@@ -95,7 +96,7 @@ class ChatDataModule(L.LightningDataModule):
         """Loads, splits and tokenizes (cached by ``datasets``) the splits this stage needs."""
         hp = self.hparams
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(hp.tokenizer)
+            self.tokenizer = load_tokenizer(hp.tokenizer_name_or_path)
         if self.splits:
             return
         raw = split_source(load_source(hp.source), hp.train_size, hp.val_size, hp.test_size, hp.shuffle, hp.seed)

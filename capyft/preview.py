@@ -42,7 +42,7 @@ def build_parser() -> Any:
     )
     parser.add_argument("--config", action=ActionConfigFile, help="a fit config (its data and model sections)")
     parser.add_argument("--model.model_name_or_path", type=str, help="model folder or hub id (its tokenizer)")
-    parser.add_class_arguments(ChatDataModule, "data", skip={"tokenizer"})
+    parser.add_class_arguments(ChatDataModule, "data", skip={"tokenizer_name_or_path"})
     parser.add_argument("--examples", type=int, default=1, help="conversations to render (0: none)")
     parser.add_argument("--split", type=str, default="train", help="the split the examples come from")
     parser.add_argument("--out", type=str, help="also write the preview as an HTML page to this file")
@@ -61,7 +61,8 @@ def _config_sections(text: str) -> str:
     if not isinstance(loaded, dict):
         raise checks.ConfigError(f"--config: {text} is not a YAML mapping of sections (trainer:, model:, data:)")
     kept: dict[str, Any] = {}
-    data = {k: v for k, v in (loaded.get("data") or {}).items() if k != "tokenizer"}  # linked from the model
+    # the tokenizer is linked from the model's path, as in fit
+    data = {k: v for k, v in (loaded.get("data") or {}).items() if k != "tokenizer_name_or_path"}
     if data:
         kept["data"] = data
     model = (loaded.get("model") or {}).get("model_name_or_path")
@@ -158,7 +159,7 @@ def build_report(data: Any, examples: int, split: str, on_bad_row: str = "error"
         )
     return {
         "source": hp.source,
-        "tokenizer": hp.tokenizer,
+        "tokenizer": hp.tokenizer_name_or_path,
         "max_length": hp.max_length,
         "train_on": hp.train_on,
         "on_bad_row": on_bad_row,
@@ -239,7 +240,7 @@ def load_data(model: str, data_args: dict[str, Any]) -> Any:
     checks.check_data_values(data_args)
     tokenizer = load_tokenizer(model)
     checks.check_max_length(data_args.get("max_length"), tokenizer, data_args.get("system_prompt"))
-    data = ChatDataModule(tokenizer=model, **{**data_args, "on_bad_row": "skip"})
+    data = ChatDataModule(tokenizer_name_or_path=model, **{**data_args, "on_bad_row": "skip"})
     data.tokenizer = tokenizer
     data.setup("fit")
     return data
