@@ -21,8 +21,10 @@ RUN=$(ls -td runs/demo/version_* | head -n 1)
 cat <<MSG
 
 == done. Everything is in $RUN:
-   checkpoints/last.ckpt (adapter + optimizer + loop state), adapter/final (PEFT format),
-   predictions.jsonl and test_metrics.json (BERTScore, fine-tuned vs base), TensorBoard events.
+   checkpoints/last.ckpt (the final adapter + optimizer + loop state), adapter/best and adapter/final (PEFT format),
+   test-last/predictions.jsonl and test-last/test_metrics.json (BERTScore, fine-tuned vs base, with paired
+   statistics), TensorBoard events (curves, validation answers, test examples).
+   what was trained:  $PY -m capyft data --config configs/demo.yaml --model.model_name_or_path $MODEL
    curves:  .venv/bin/tensorboard --logdir runs/demo
    resume:  $PY -m capyft fit --config configs/demo.yaml --model.model_name_or_path $MODEL \\
               --ckpt_path $RUN/checkpoints/last.ckpt --trainer.max_steps 20
