@@ -1,11 +1,7 @@
 """Tests of the offline assets. They use the real cache (the builds are idempotent), so only the first run builds."""
 
 import importlib.util
-import os
 import re
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch
@@ -26,11 +22,6 @@ TEXTS = [
 def smollm2():
     folder = assets.smollm2_dir()
     return folder, AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
-
-
-@pytest.fixture(scope="module")
-def llama3_tokenizer():
-    return AutoTokenizer.from_pretrained(assets.llama3_tokenizer_dir())
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import fit_args
 
 from capyft import checks
 from capyft.checks import ConfigError
-
-REPO = Path(__file__).resolve().parents[1]
+from capyft.data import SAMPLE_DATA
 
 
 def parsed_model(*args: str) -> dict:
@@ -179,38 +179,17 @@ def test_run_outputs_from_the_parsed_trainer_and_checkpoint_sections(read_only, 
 
 
 # ---- through the command line (checks already wired into `python -m capyft fit`) ------------------------------
-def fit_args(tmp_path: Path, model: Path, data: Path) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        str(REPO / "configs" / "tiny.yaml"),
-        f"--model.model_name_or_path={model}",
-        f"--data.source={data}",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-        "--trainer.enable_progress_bar=false",
-    ]
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the check")
-
-    monkeypatch.setattr("capyft.model.load_base_model", refuse)
-
-
 def test_fit_names_the_bad_jsonl_line_and_the_tokenizerless_folder(tmp_path, tiny_model, no_model_load, caplog):
     from capyft.cli import run
 
-    rows = [line for line in (REPO / "capyft" / "sample_data" / "capybara_sample.jsonl").read_text().splitlines()]
+    rows = [line for line in SAMPLE_DATA.read_text().splitlines()]
     broken = tmp_path / "broken.jsonl"
     broken.write_text("\n".join(rows[:5] + [rows[5][:-1]] + rows[6:]) + "\n", encoding="utf-8")
     weights_only = tmp_path / "weights-only"
     shutil.copytree(tiny_model, weights_only, ignore=shutil.ignore_patterns("tokenizer*"))
-    good_data = REPO / "capyft" / "sample_data" / "capybara_sample.jsonl"
     for model, data, expected in [
         (tiny_model, broken, f"data.source: {broken} line 6 is not valid JSON (Expecting ',' delimiter at column"),
-        (weights_only, good_data, f"model.model_name_or_path: {weights_only} has no tokenizer files"),
+        (weights_only, SAMPLE_DATA, f"model.model_name_or_path: {weights_only} has no tokenizer files"),
     ]:
         caplog.clear()
         with caplog.at_level(logging.ERROR, logger="capyft"):

@@ -14,7 +14,7 @@ from capyft.datamodule import ChatDataModule
 def make(tokenizer_dir, tokenizer=None, **kwargs):
     """A set-up data module; ``tokenizer`` (already loaded from ``tokenizer_dir``) saves loading it again."""
     args = {"source": str(SAMPLE_DATA), "train_size": 8, "val_size": 4, "test_size": 4, "max_length": None}
-    data = ChatDataModule(tokenizer=str(tokenizer_dir), **(args | kwargs))
+    data = ChatDataModule(tokenizer_name_or_path=str(tokenizer_dir), **(args | kwargs))
     data.tokenizer = tokenizer
     data.setup("fit")
     return data
@@ -144,7 +144,7 @@ def test_llama3_last_turn_with_bad_rows_skipped(llama3_tokenizer, sample_rows, c
 
 def test_configuration_errors(smollm2_tokenizer):
     with pytest.raises(ValueError, match="data.train_on must be 'all' or 'last'"):
-        ChatDataModule(tokenizer="unused", train_on="first")
+        ChatDataModule(tokenizer_name_or_path="unused", train_on="first")
     data = make(assets.smollm2_dir(), smollm2_tokenizer, train_size=2, val_size=0, test_size=0, batch_size=4)
     with pytest.raises(ValueError, match="2 training conversations cannot fill one batch of 4"):
         data.train_dataloader()

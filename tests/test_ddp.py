@@ -8,7 +8,6 @@ each optimizer step; with the token-weighted loss their gradients, hence their l
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +15,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import scalars
+from helpers import REPO, StopAtStep, fit_args, offline_env, scalars
 
 from capyft.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 4  # 8 training rows, global batch 2: one epoch
 # Dropout off: a 1-process and a 2-process run draw different masks. A large constant learning rate makes every
 # step move the adapter, so a wrong gradient on any step shows in the later losses.
@@ -29,7 +27,6 @@ COMMON = [
     f"--trainer.max_steps={STEPS}",
     "--trainer.val_check_interval=2",
     "--checkpoint.every_n_train_steps=2",
-    "--trainer.enable_progress_bar=false",
     "--model.lora_dropout=0.0",
     "--model.learning_rate=0.01",
     "--model.warmup_steps=0",
@@ -39,17 +36,6 @@ COMMON = [
     "--data.test_size=3",  # 3 test prompts on 2 ranks: uneven shards
 ]
 DDP = ["--trainer.devices=2", "--trainer.strategy=ddp", "--data.batch_size=1"]
-
-
-class StopAtStep(L.Callback):
-    """Stops training after ``step`` optimizer steps, like an interruption."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
 
 
 class AdapterDump(L.Callback):
@@ -64,45 +50,14 @@ class AdapterDump(L.Callback):
 
 
 def callback(cls: type, **init_args) -> str:
-    spec = {"class_path": f"{__name__}.{cls.__name__}", "init_args": init_args}
+    spec = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
     return f"--trainer.callbacks+={json.dumps(spec)}"
-
-
-@pytest.fixture(scope="module")
-def toy_rows(tmp_path_factory) -> tuple[Path, list[dict]]:
-    """12 conversations of uneven lengths (so the two ranks of a step hold different token counts)."""
-    words = ["red", "green", "blue", "amber", "violet", "black", "white", "olive", "teal", "pink", "gold", "gray"]
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"Say {w}" + " please" * (i % 4)},
-                {"role": "assistant", "content": " ".join([w] * (1 + i % 5))},
-            ]
-        }
-        for i, w in enumerate(words)
-    ]
-    path = tmp_path_factory.mktemp("data") / "toy.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path, rows
-
-
-def base_args(subcommand: str, runs: Path, model: Path, data: Path) -> list[str]:
-    return [
-        subcommand,
-        "--config",
-        str(REPO / "configs" / "tiny.yaml"),
-        f"--model.model_name_or_path={model}",
-        f"--data.source={data}",
-        f"--trainer.logger.init_args.save_dir={runs}",
-    ]
 
 
 def capyft(*args: str) -> None:
     """Runs ``python -m capyft ARGS`` in a fresh process, as a user would; DDP spawns the second rank from it."""
     drop = ("PL_", "MASTER_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")  # no state from this process
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env |= {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])}
-    env |= {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {k: v for k, v in offline_env().items() if not k.startswith(drop)} | {"TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(
         [sys.executable, "-m", "capyft", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
@@ -110,16 +65,15 @@ def capyft(*args: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model, toy_rows) -> dict[str, Path]:
+def runs(tmp_path_factory, tiny_model, uneven_colors) -> dict[str, Path]:
     """A 1-process run (batch 2), and a 2-process DDP run (batch 1 per rank) interrupted at step 2 and resumed."""
-    data, _ = toy_rows
     root = tmp_path_factory.mktemp("runs")
-    single = main([*base_args("fit", root / "single", tiny_model, data), *COMMON, "--data.batch_size=2"])
+    single = main(fit_args(root / "single", tiny_model, uneven_colors, *COMMON, "--data.batch_size=2"))
     dumps = root / "dumps"
     dumps.mkdir()
-    ddp_args = [*base_args("fit", root / "ddp", tiny_model, data), *COMMON, *DDP]
+    ddp_args = fit_args(root / "ddp", tiny_model, uneven_colors, *COMMON, *DDP)
     capyft(*ddp_args, callback(StopAtStep, step=2))
-    first = root / "ddp" / "tiny" / "version_0"
+    first = root / "ddp" / "runs" / "tiny" / "version_0"
     capyft(*ddp_args, callback(AdapterDump, out_dir=str(dumps)), f"--ckpt_path={first / 'checkpoints' / 'last.ckpt'}")
     return {
         "single": Path(single.trainer.log_dir),
@@ -171,11 +125,11 @@ def test_ddp_ranks_hold_one_adapter_written_once(runs):
     assert ckpt["global_step"] == STEPS and all("lora_" in k for k in ckpt["state_dict"])
 
 
-def test_ddp_test_predictions_complete_and_in_order(runs, tiny_model, toy_rows):
+def test_ddp_test_predictions_complete_and_in_order(runs, uneven_colors):
     """``test`` on 2 ranks: each rank answers its share; predictions.jsonl holds every test row once, in order."""
     from capyft.assets import minilm_dir
 
-    _, rows = toy_rows
+    rows = [json.loads(line) for line in uneven_colors.read_text().splitlines()]
     run = runs["resumed"]
     capyft(
         "test",

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 
 from capyft.assets import minilm_dir, smollm2_dir
 from capyft.cli import main
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow

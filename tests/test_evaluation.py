@@ -9,18 +9,17 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import REPO, fit_args, offline_env, one_turn, write_jsonl
 
 from capyft import evaluation
-from capyft.assets import minilm_dir, smollm2_dir
+from capyft.assets import minilm_dir
 from capyft.chat import encode_prompt, end_of_turn_ids
 from capyft.cli import main, run
 from capyft.datamodule import PromptCollator
 from capyft.evaluation import BERTScoreSettings
 from capyft.generation import GenerationSettings, generate
 from capyft.modeling import load_tokenizer
-from capyft.tiny import make_tiny_llama
 
-REPO = Path(__file__).resolve().parents[1]
 MINILM = BERTScoreSettings(model_type=str(minilm_dir()), num_layers=6, batch_size=8)
 
 # prompts of very uneven lengths (31 to ~430 tokens with SmolLM2's template and default system prompt)
@@ -33,13 +32,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", smollm2_dir())
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_dir):
-    return load_tokenizer(str(tiny_dir))
+def tokenizer(tiny_model):
+    return load_tokenizer(str(tiny_model))
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +41,10 @@ def scorer():
     return evaluation.load_scorer(MINILM)
 
 
-def load_tiny(tiny_dir: Path):
+def load_tiny(model_dir: Path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
 
 
 def batch_of(prompts, tokenizer) -> dict:
@@ -61,9 +55,9 @@ def batch_of(prompts, tokenizer) -> dict:
     return PromptCollator(tokenizer.pad_token_id)(examples)
 
 
-def test_batched_generation_matches_one_prompt_at_a_time(tiny_dir, tokenizer):
+def test_batched_generation_matches_one_prompt_at_a_time(tiny_model, tokenizer):
     """Left padding and row order: each row of a padded batch gets the answer its prompt gets alone."""
-    model, settings, stops = load_tiny(tiny_dir), GenerationSettings(max_new_tokens=12), end_of_turn_ids(tokenizer)
+    model, settings, stops = load_tiny(tiny_model), GenerationSettings(max_new_tokens=12), end_of_turn_ids(tokenizer)
     batch = batch_of(PROMPTS, tokenizer)
     assert batch["attention_mask"].sum(1).tolist()[1] > 10 * batch["attention_mask"].sum(1).tolist()[0]
     batched = generate(model, tokenizer, batch["input_ids"], batch["attention_mask"], settings, stops)
@@ -75,11 +69,11 @@ def test_batched_generation_matches_one_prompt_at_a_time(tiny_dir, tokenizer):
     assert len({g.text for g in batched}) == len(PROMPTS)  # distinct answers, so a swap would show
 
 
-def test_generate_uses_kv_cache_with_gradient_checkpointing_on(tiny_dir, tokenizer):
+def test_generate_uses_kv_cache_with_gradient_checkpointing_on(tiny_model, tokenizer):
     """A training-mode PEFT model with gradient checkpointing generates with the cache and is left in train mode."""
     from capyft.modeling import build_lora_config, wrap_with_lora
 
-    model = wrap_with_lora(load_tiny(tiny_dir), build_lora_config(r=4), gradient_checkpointing=True)
+    model = wrap_with_lora(load_tiny(tiny_model), build_lora_config(r=4), gradient_checkpointing=True)
     assert model.training and model.config.use_cache is False
     lengths = []
     hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: lengths.append(args[0].shape[1]))
@@ -92,13 +86,13 @@ def test_generate_uses_kv_cache_with_gradient_checkpointing_on(tiny_dir, tokeniz
     assert model.training
 
 
-def chain_model(tiny_dir: Path, chain: list[int]):
+def chain_model(model_dir: Path, chain: list[int]):
     """The tiny Llama rewired so each token of ``chain`` is followed by the next one, whatever the prompt.
 
     Attention and MLP outputs are zeroed, so the residual stream at a position is its token's embedding; each chain
     token gets its own embedding axis and the output head maps that axis to the next chain token.
     """
-    model = load_tiny(tiny_dir)
+    model = load_tiny(model_dir)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()
@@ -112,24 +106,24 @@ def chain_model(tiny_dir: Path, chain: list[int]):
     return model
 
 
-def test_generation_stops_at_end_of_turn_and_holds_no_prompt_text(tiny_dir, tokenizer):
+def test_generation_stops_at_end_of_turn_and_holds_no_prompt_text(tiny_model, tokenizer):
     batch = batch_of(PROMPTS[:2], tokenizer)
     newline = int(batch["input_ids"][0, -1])  # the generation prompt "<|im_start|>assistant\n" ends the prompt
     words = tokenizer.encode(" red green blue", add_special_tokens=False)
     end_of_turn = end_of_turn_ids(tokenizer)
     assert end_of_turn == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    model = chain_model(tiny_dir, [newline, *words, end_of_turn[0], *words])
+    model = chain_model(tiny_model, [newline, *words, end_of_turn[0], *words])
     settings = GenerationSettings(max_new_tokens=20)
     out = generate(model, tokenizer, batch["input_ids"], batch["attention_mask"], settings, end_of_turn)
     assert [(g.text, g.num_tokens, g.stopped) for g in out] == [("red green blue", 4, True)] * 2
 
 
-def test_generation_stops_at_any_stop_id(tiny_dir, tokenizer):
+def test_generation_stops_at_any_stop_id(tiny_model, tokenizer):
     """With several stop ids (Llama-3: <|eot_id|> and <|end_of_text|>), whichever comes first ends the answer."""
     batch = batch_of(PROMPTS[:1], tokenizer)
     newline, eos = int(batch["input_ids"][0, -1]), tokenizer.convert_tokens_to_ids("<|endoftext|>")
     red, green = tokenizer.encode(" red green", add_special_tokens=False)
-    model = chain_model(tiny_dir, [newline, red, eos, green])
+    model = chain_model(tiny_model, [newline, red, eos, green])
     settings = GenerationSettings(max_new_tokens=20)
     out = generate(model, tokenizer, batch["input_ids"], batch["attention_mask"], settings, [2, eos])
     assert (out[0].text, out[0].num_tokens, out[0].stopped) == ("red", 2, True)
@@ -137,8 +131,8 @@ def test_generation_stops_at_any_stop_id(tiny_dir, tokenizer):
     assert out[0].num_tokens == 20 and not out[0].stopped
 
 
-def test_sampling_is_seeded(tiny_dir, tokenizer):
-    model, stops = load_tiny(tiny_dir), end_of_turn_ids(tokenizer)
+def test_sampling_is_seeded(tiny_model, tokenizer):
+    model, stops = load_tiny(tiny_model), end_of_turn_ids(tokenizer)
     batch = batch_of(PROMPTS[:2], tokenizer)
     settings = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
     args = (model, tokenizer, batch["input_ids"], batch["attention_mask"], settings, stops)
@@ -150,10 +144,10 @@ def test_sampling_is_seeded(tiny_dir, tokenizer):
     assert torch.equal(torch.rand(1), before)  # the caller's RNG stream is untouched
 
 
-def test_right_padding_is_refused(tiny_dir, tokenizer):
+def test_right_padding_is_refused(tiny_model, tokenizer):
     ids, mask = torch.tensor([[5, 6, 0]]), torch.tensor([[1, 1, 0]])
     with pytest.raises(ValueError, match="left"):
-        generate(load_tiny(tiny_dir), tokenizer, ids, mask, GenerationSettings(), [2])
+        generate(load_tiny(tiny_model), tokenizer, ids, mask, GenerationSettings(), [2])
 
 
 def test_bertscore_pairs_each_prediction_with_its_reference(scorer):
@@ -314,7 +308,9 @@ def test_gather_records_across_two_processes(tmp_path):
 
     init, outs = tmp_path / "init", [tmp_path / f"{rank}.json" for rank in (0, 1)]
     workers = [
-        subprocess.Popen([sys.executable, "-c", GATHER_WORKER, str(rank), str(init), str(outs[rank])], cwd=REPO)
+        subprocess.Popen(
+            [sys.executable, "-c", GATHER_WORKER, str(rank), str(init), str(outs[rank])], cwd=REPO, env=offline_env()
+        )
         for rank in (0, 1)
     ]
     assert [w.wait(timeout=120) for w in workers] == [0, 0]
@@ -322,43 +318,34 @@ def test_gather_records_across_two_processes(tmp_path):
         assert [r["row"] for r in json.loads(out.read_text())] == [0, 1, 2, 3, 4]
 
 
-def toy_data(path: Path) -> Path:
-    """Learnable toy chat: the answer is a fixed function of the question."""
+@pytest.fixture(scope="module")
+def colour_sentences(tmp_path_factory) -> Path:
+    """30 one-turn conversations, "Name the colour red" -> "The colour is red." over 6 colours: learnable, and each
+    answer is a sentence that names the colour of its question."""
     words = ["red", "green", "blue", "amber", "violet", "black"]
-    with path.open("w") as f:
-        for k in range(30):
-            word = words[k % len(words)]
-            messages = [
-                {"role": "user", "content": f"Name the colour {word}"},
-                {"role": "assistant", "content": f"The colour is {word}."},
-            ]
-            f.write(json.dumps({"messages": messages}) + "\n")
-    return path
+    rows = [one_turn(f"Name the colour {w}", f"The colour is {w}.") for w in (words[k % len(words)] for k in range(30))]
+    return write_jsonl(tmp_path_factory.mktemp("colour_sentences") / "colour_sentences.jsonl", rows)
 
 
-def test_fine_tuned_beats_base_in_one_test_run(tmp_path, tiny_dir):
+# 24 training, 2 validation, 4 test rows of colour_sentences; no validation while fitting
+COLOUR_SPLITS = ["--data.train_size=24", "--data.val_size=2", "--data.test_size=4", "--trainer.limit_val_batches=0"]
+
+
+def test_fine_tuned_beats_base_in_one_test_run(tmp_path, tiny_model, colour_sentences):
     """fit, then ``test --ckpt_path ... --model.compare_base true`` through the real CLI, 4-bit tiny Llama on CPU."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    data = toy_data(tmp_path / "toy.jsonl")
     fit = main(
-        [
-            "fit",
-            "--config",
-            str(REPO / "configs" / "tiny.yaml"),
-            f"--model.model_name_or_path={tiny_dir}",
-            f"--data.source={data}",
-            "--data.train_size=24",
-            "--data.val_size=2",
-            "--data.test_size=4",
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-            "--trainer.enable_progress_bar=false",
+        fit_args(
+            tmp_path,
+            tiny_model,
+            colour_sentences,
+            *COLOUR_SPLITS,
             "--trainer.max_steps=30",
-            "--trainer.limit_val_batches=0",
             "--model.learning_rate=0.01",
             "--model.warmup_steps=0",
             "--model.lr_schedule=constant",
-        ]
+        )
     )
     run = Path(fit.trainer.log_dir)
     test = main(
@@ -414,25 +401,10 @@ def test_fine_tuned_beats_base_in_one_test_run(tmp_path, tiny_dir):
 
 # ---- test / predict through the CLI on a short tiny run: outputs kept, scorer checked first, stop ids ----------
 @pytest.fixture(scope="module")
-def fitted_run(tmp_path_factory, tiny_dir) -> Path:
-    """A 2-step tiny run with ``last.ckpt`` (the toy data: 24 train, 2 val, 4 test rows)."""
+def fitted_run(tmp_path_factory, tiny_model, colour_sentences) -> Path:
+    """A 2-step tiny run with ``last.ckpt`` (colour_sentences: 24 train, 2 val, 4 test rows)."""
     tmp = tmp_path_factory.mktemp("fitted")
-    fit = main(
-        [
-            "fit",
-            "--config",
-            str(REPO / "configs" / "tiny.yaml"),
-            f"--model.model_name_or_path={tiny_dir}",
-            f"--data.source={toy_data(tmp / 'toy.jsonl')}",
-            "--data.train_size=24",
-            "--data.val_size=2",
-            "--data.test_size=4",
-            f"--trainer.logger.init_args.save_dir={tmp / 'runs'}",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.max_steps=2",
-            "--trainer.limit_val_batches=0",
-        ]
-    )
+    fit = main(fit_args(tmp, tiny_model, colour_sentences, *COLOUR_SPLITS, "--trainer.max_steps=2"))
     return Path(fit.trainer.log_dir)
 
 
@@ -523,7 +495,7 @@ def test_answers_are_written_before_scoring(fitted_run, monkeypatch):
     assert all(isinstance(r["prediction"], str) and isinstance(r["base_prediction"], str) for r in records)
 
 
-def test_stop_ids_add_the_models_own_end_ids(llama3_tokenizer, tiny_dir, tokenizer):
+def test_stop_ids_add_the_models_own_end_ids(llama3_tokenizer, tiny_model, tokenizer):
     """Llama-3.1 lists <|end_of_text|>, <|eom_id|> and <|eot_id|> as its end ids; the template gives <|eot_id|>."""
     from types import SimpleNamespace
 
@@ -547,7 +519,7 @@ def test_stop_ids_add_the_models_own_end_ids(llama3_tokenizer, tiny_dir, tokeniz
     batch = batch_of(PROMPTS[:1], tokenizer)
     newline, eom = int(batch["input_ids"][0, -1]), tokenizer.convert_tokens_to_ids("<|endoftext|>")
     red, green = tokenizer.encode(" red green", add_special_tokens=False)
-    model = chain_model(tiny_dir, [newline, red, eom, green])
+    model = chain_model(tiny_model, [newline, red, eom, green])
     model.generation_config.eos_token_id = [eom]
     assert eom not in end_of_turn_ids(tokenizer)
     settings = GenerationSettings(max_new_tokens=20)

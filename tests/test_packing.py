@@ -8,15 +8,14 @@ random-weight 4-bit builder and synthetic data.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from capyft.batching import ChatCollator
 from capyft.chat import IGNORE_INDEX
-from capyft.data import ChatCollator
 from capyft.levers import PACKED_SDPA, OffloadedEmbedding, PackedRow, offload_input_embeddings, prepare_base_model
 from capyft.modeling import build_lora_config, causal_lm_loss_sum, wrap_with_lora
 
@@ -220,10 +219,19 @@ def test_offloaded_embedding_generates_trains_and_saves_like_the_table(tmp_path)
 
 # ---- the GPU benchmark's building blocks, checked on CPU ---------------------------------------------------------
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "scripts" / "bench_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The benchmark's model and data builders (``scripts/bench``), as one namespace."""
+    import sys
+    from types import SimpleNamespace
+
+    if str(REPO / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO / "scripts"))
+    from bench import common, data, model
+
+    return SimpleNamespace(
+        tiny_config=common.tiny_config,
+        build_random_4bit_model=model.build_random_4bit_model,
+        make_conversations=data.make_conversations,
+    )
 
 
 def structure(model) -> dict[str, object]:
@@ -280,3 +288,39 @@ def test_bench_conversations_look_like_capybara():
     assert 0.85 <= trained / lengths.sum() <= 0.95
     assert rows == bench.make_conversations(400, seed=0)  # the same sequences for every stack
     assert all(r["labels"][0] == IGNORE_INDEX for r in rows)
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_like_eager_and_reuse_one_graph_across_lengths():
+    """Regional compile (aot_eager here: the traced graph and its autograd, without code generation on CPU)."""
+    import torch._dynamo
+
+    from capyft.levers import compile_decoder_layers
+
+    def lora_model():
+        model = wrap_with_lora(tiny_llama(PACKED_SDPA), build_lora_config(r=4, alpha=8, dropout=0.0), True)
+        return model.train()
+
+    eager, compiled = lora_model(), lora_model()
+    compiled.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    assert compile_decoder_layers(compiled, backend="aot_eager") == 2
+    for seed in range(3):  # three conversations a row, new lengths every time
+        batch = ChatCollator(pad_id=0, padding_free=True)(
+            [
+                {**r, "input_ids": r["input_ids"][: 40 - 7 * seed], "labels": r["labels"][: 40 - 7 * seed]}
+                for r in conversations(seed)[:3]
+            ]
+        )
+        losses, grads = [], []
+        for model in (eager, compiled):
+            model.zero_grad()
+            loss, _ = causal_lm_loss_sum(model, batch, 0)
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+        assert grads[0].keys() == grads[1].keys() and grads[0]
+        for name in grads[0]:
+            torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # dynamic lengths: no recompile

@@ -20,7 +20,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from helpers import scalars
+from helpers import PLAIN_LORA, REPO, fit_args, offline_env, one_turn, scalars, write_jsonl
 
 from capyft import checkpoints, checks
 from capyft.callbacks import NonFiniteGuard
@@ -28,52 +28,8 @@ from capyft.checkpoints import AtomicCheckpointIO
 from capyft.cli import main, run
 from capyft.model import QLoRAModule
 
-REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
-
-
-def write_rows(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def chat(question: str, answer: str) -> dict:
-    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
-
-
-@pytest.fixture(scope="module")
-def toy_data(tmp_path_factory) -> Path:
-    words = ["red", "green", "blue", "amber", "violet", "black", "white", "olive", "teal", "pink", "gold", "gray"]
-    return write_rows(tmp_path_factory.mktemp("data") / "toy.jsonl", [chat(f"Say {w}", w) for w in words])
-
-
 # ModelCheckpoint (monitor val/loss) defers every save until val/loss exists: tests of checkpoints validate
 WITH_VAL = "--trainer.limit_val_batches=1.0"
-
-
-def fit_args(tmp_path: Path, model: Path, data: Path, *extra: str) -> list[str]:
-    """A quick CPU fit: plain LoRA (no 4-bit: 4x faster here), no validation unless asked, no progress bar."""
-    return [
-        "fit",
-        "--config",
-        str(REPO / "configs" / "tiny.yaml"),
-        f"--model.model_name_or_path={model}",
-        f"--data.source={data}",
-        "--data.train_size=8",
-        "--data.val_size=2",
-        "--data.test_size=2",
-        "--data.max_length=256",
-        "--model.load_in_4bit=false",
-        "--model.gradient_checkpointing=false",
-        "--trainer.precision=32-true",
-        "--trainer.accelerator=cpu",
-        "--trainer.limit_val_batches=0",
-        "--trainer.num_sanity_val_steps=0",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-        "--trainer.logger.init_args.name=tiny",
-        "--trainer.enable_progress_bar=false",
-        *extra,
-    ]
 
 
 def run_dirs(tmp_path: Path) -> list[Path]:
@@ -84,22 +40,12 @@ def lora_weights(module: L.LightningModule) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" in n}
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Config errors must stop the run before the (in real life, minutes-long) model load."""
-
-    def configure_model(self):
-        pytest.fail("the model was loaded before the config error was reported")
-
-    monkeypatch.setattr(QLoRAModule, "configure_model", configure_model)
-
-
 # ---- 1. config errors: one line, before the model loads --------------------------------------------------------
-def test_unknown_key_and_wrong_type_are_one_line(tmp_path, tiny_model, toy_data, capsys, monkeypatch):
+def test_unknown_key_and_wrong_type_are_one_line(tmp_path, tiny_model, color_words, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["capyft"])  # else LightningCLI warns about pytest's own arguments
     for bad in (["--model.lora_rr=8"], ["--data.batch_size=two"]):
         with pytest.raises(SystemExit) as exit_info:
-            main(fit_args(tmp_path, tiny_model, toy_data, *bad))
+            main(fit_args(tmp_path, tiny_model, color_words, *PLAIN_LORA, *bad))
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "usage:" not in err, err
@@ -107,7 +53,7 @@ def test_unknown_key_and_wrong_type_are_one_line(tmp_path, tiny_model, toy_data,
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump({"model": {"lora_rr": 8}}))
     with pytest.raises(SystemExit) as exit_info:
-        main([*fit_args(tmp_path, tiny_model, toy_data), "--config", str(config)])
+        main([*fit_args(tmp_path, tiny_model, color_words, *PLAIN_LORA), "--config", str(config)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "lora_rr" in err, err
@@ -124,10 +70,10 @@ def test_unknown_key_and_wrong_type_are_one_line(tmp_path, tiny_model, toy_data,
     ],
 )
 def test_config_errors_fail_before_the_model_loads(
-    tmp_path, tiny_model, toy_data, no_model_load, caplog, extra, expected
+    tmp_path, tiny_model, color_words, no_model_load, caplog, extra, expected
 ):
     with caplog.at_level(logging.ERROR, logger="capyft"):
-        assert run(fit_args(tmp_path, tiny_model, toy_data, *extra)) == 2
+        assert run(fit_args(tmp_path, tiny_model, color_words, *PLAIN_LORA, *extra)) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and expected in errors[0], errors
 
@@ -164,9 +110,9 @@ def test_lora_targets_that_match_nothing(tiny_model):
 # ---- 2. data errors name the row; no usable row is an error ----------------------------------------------------
 def test_data_errors_name_the_row_and_no_usable_row_fails(tmp_path, tiny_model, no_model_load, caplog):
     no_answer = {"messages": [{"role": "user", "content": "Hello?"}]}
-    mixed = write_rows(tmp_path / "mixed.jsonl", [chat("Hi", "Hello"), no_answer, chat("Yo", "Hey")])
-    all_bad = write_rows(tmp_path / "bad.jsonl", [no_answer] * 3)
-    empty = write_rows(tmp_path / "empty.jsonl", [])
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [one_turn("Hi", "Hello"), no_answer, one_turn("Yo", "Hey")])
+    all_bad = write_jsonl(tmp_path / "bad.jsonl", [no_answer] * 3)
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
     sizes = ["--data.train_size=3", "--data.val_size=0", "--data.test_size=0"]
     cases = [
         (mixed, [], "row 1: the conversation has no assistant turn"),
@@ -176,7 +122,7 @@ def test_data_errors_name_the_row_and_no_usable_row_fails(tmp_path, tiny_model, 
     for data, extra, expected in cases:
         caplog.clear()
         with caplog.at_level(logging.ERROR, logger="capyft"):
-            assert run(fit_args(tmp_path, tiny_model, data, *sizes, *extra)) == 2
+            assert run(fit_args(tmp_path, tiny_model, data, *PLAIN_LORA, *sizes, *extra)) == 2
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(errors) == 1 and expected in errors[0], errors
 
@@ -200,10 +146,10 @@ def read_step(path: Path) -> int:
 
 def launch(args: list[str], steps: Path) -> subprocess.Popen:
     callback = {"class_path": "test_reliability.StepFile", "init_args": {"path": str(steps)}}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     command = [sys.executable, "-m", "capyft", *args, f"--trainer.callbacks+={json.dumps(callback)}"]
-    return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        command, env=offline_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def wait_for_step(proc: subprocess.Popen, steps: Path, step: int, timeout: float = 120) -> None:
@@ -217,11 +163,11 @@ def wait_for_step(proc: subprocess.Popen, steps: Path, step: int, timeout: float
         time.sleep(0.05)
 
 
-def test_kill_9_resumes_from_last_checkpoint(tmp_path, tiny_model, toy_data):
+def test_kill_9_resumes_from_last_checkpoint(tmp_path, tiny_model, color_words):
     every = 2
     steps = tmp_path / "steps"
     extra = ["--trainer.max_steps=500", f"--checkpoint.every_n_train_steps={every}", WITH_VAL]  # validates at 3, 7
-    args = fit_args(tmp_path, tiny_model, toy_data, *extra)
+    args = fit_args(tmp_path, tiny_model, color_words, *PLAIN_LORA, *extra)
     proc = launch(args, steps)
     wait_for_step(proc, steps, 5)
     proc.kill()  # SIGKILL: no handler runs
@@ -232,15 +178,24 @@ def test_kill_9_resumes_from_last_checkpoint(tmp_path, tiny_model, toy_data):
     saved = ckpt["global_step"]
     assert 0 < saved <= done and done - saved <= every, (saved, done)
 
-    resumed = main(fit_args(tmp_path, tiny_model, toy_data, f"--trainer.max_steps={saved + 2}", "--ckpt_path=last"))
+    resumed = main(
+        fit_args(tmp_path, tiny_model, color_words, *PLAIN_LORA, f"--trainer.max_steps={saved + 2}", "--ckpt_path=last")
+    )
     assert resumed.trainer.global_step == saved + 2
     assert sorted(scalars(Path(resumed.trainer.log_dir), "train/loss")) == [saved, saved + 1]
 
 
-def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path, tiny_model, toy_data):
+def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path, tiny_model, color_words):
     steps = tmp_path / "steps"
     # no periodic checkpoints: whatever is saved comes from the SIGTERM handling
-    args = fit_args(tmp_path, tiny_model, toy_data, "--trainer.max_steps=500", "--checkpoint.every_n_train_steps=1000")
+    args = fit_args(
+        tmp_path,
+        tiny_model,
+        color_words,
+        *PLAIN_LORA,
+        "--trainer.max_steps=500",
+        "--checkpoint.every_n_train_steps=1000",
+    )
     proc = launch(args, steps)
     wait_for_step(proc, steps, 2)
     proc.send_signal(signal.SIGTERM)
@@ -252,7 +207,9 @@ def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path, tiny_model, toy_data):
     assert ckpt["global_step"] == read_step(steps) >= 2  # saved at the step where it stopped: nothing lost
 
     saved = ckpt["global_step"]
-    resumed = main(fit_args(tmp_path, tiny_model, toy_data, f"--trainer.max_steps={saved + 1}", "--ckpt_path=last"))
+    resumed = main(
+        fit_args(tmp_path, tiny_model, color_words, *PLAIN_LORA, f"--trainer.max_steps={saved + 1}", "--ckpt_path=last")
+    )
     assert resumed.trainer.global_step == saved + 1
     assert sorted(scalars(Path(resumed.trainer.log_dir), "train/loss")) == [saved]
 
@@ -262,17 +219,17 @@ EXACT = ["--model.lora_dropout=0.2", "--trainer.max_steps=5", WITH_VAL]
 UNINTERRUPTED: dict[int, dict[int, float]] = {}  # accumulate_grad_batches -> the uninterrupted run's losses
 
 
-def uninterrupted_losses(tmp_path_factory, tiny_model, toy_data, accumulate: int) -> dict[int, float]:
+def uninterrupted_losses(tmp_path_factory, tiny_model, color_words, accumulate: int) -> dict[int, float]:
     if accumulate not in UNINTERRUPTED:
-        args = fit_args(tmp_path_factory.mktemp("straight"), tiny_model, toy_data, *EXACT)
+        args = fit_args(tmp_path_factory.mktemp("straight"), tiny_model, color_words, *PLAIN_LORA, *EXACT)
         cli = main([*args, f"--trainer.accumulate_grad_batches={accumulate}"])
         UNINTERRUPTED[accumulate] = scalars(Path(cli.trainer.log_dir), "train/loss")
     return UNINTERRUPTED[accumulate]
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_model, toy_data) -> dict[int, float]:
-    return uninterrupted_losses(tmp_path_factory, tiny_model, toy_data, 1)
+def uninterrupted(tmp_path_factory, tiny_model, color_words) -> dict[int, float]:
+    return uninterrupted_losses(tmp_path_factory, tiny_model, color_words, 1)
 
 
 # (accumulation, micro-batch during which the signal arrives): every position inside a window, and at its end
@@ -282,13 +239,13 @@ SIGNAL_POINTS = [(1, 2), (1, 3), (2, 2), (2, 3), (4, 4), (4, 5), (4, 6), (4, 7)]
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize(("accumulate", "micro_batch"), SIGNAL_POINTS, ids=lambda v: str(v))
 def test_signal_at_any_micro_batch_resumes_exactly(
-    tmp_path, tmp_path_factory, tiny_model, toy_data, monkeypatch, accumulate, micro_batch, signum
+    tmp_path, tmp_path_factory, tiny_model, color_words, monkeypatch, accumulate, micro_batch, signum
 ):
     """A signal in the middle of an accumulation window: the window is finished and saved whole, so the resumed run
     gives the uninterrupted run's losses. 8 rows in micro-batches of 2: 4 micro-batches an epoch."""
     if signum == signal.SIGINT and (accumulate, micro_batch) not in [(1, 3), (4, 5)]:
         pytest.skip("SIGINT takes the same path: two positions are enough")
-    straight = uninterrupted_losses(tmp_path_factory, tiny_model, toy_data, accumulate)
+    straight = uninterrupted_losses(tmp_path_factory, tiny_model, color_words, accumulate)
     original, seen = QLoRAModule.training_step, []
 
     def training_step(self, batch, batch_idx):
@@ -298,7 +255,10 @@ def test_signal_at_any_micro_batch_resumes_exactly(
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(QLoRAModule, "training_step", training_step)
-    args = [*fit_args(tmp_path, tiny_model, toy_data, *EXACT), f"--trainer.accumulate_grad_batches={accumulate}"]
+    args = [
+        *fit_args(tmp_path, tiny_model, color_words, *PLAIN_LORA, *EXACT),
+        f"--trainer.accumulate_grad_batches={accumulate}",
+    ]
     assert run(args) == (143 if signum == signal.SIGTERM else 130)
     monkeypatch.undo()
     (first,) = run_dirs(tmp_path)
@@ -310,9 +270,11 @@ def test_signal_at_any_micro_batch_resumes_exactly(
     assert losses == pytest.approx(straight, rel=1e-5), (losses, straight)
 
 
-def test_no_checkpoint_inside_the_first_window(tmp_path, tiny_model, toy_data):
+def test_no_checkpoint_inside_the_first_window(tmp_path, tiny_model, color_words):
     """With accumulation, the periodic last.ckpt comes at whole steps only (it was once written at step 0)."""
-    args = fit_args(tmp_path, tiny_model, toy_data, "--trainer.max_steps=2", "--checkpoint.every_n_train_steps=1")
+    args = fit_args(
+        tmp_path, tiny_model, color_words, *PLAIN_LORA, "--trainer.max_steps=2", "--checkpoint.every_n_train_steps=1"
+    )
     saved = []
     original = AtomicCheckpointIO.save_checkpoint
 
@@ -328,7 +290,7 @@ def test_no_checkpoint_inside_the_first_window(tmp_path, tiny_model, toy_data):
     assert saved == [1, 2]
 
 
-def test_resume_from_a_batch_end_checkpoint_is_exact(tmp_path, tiny_model, toy_data, uninterrupted, monkeypatch):
+def test_resume_from_a_batch_end_checkpoint_is_exact(tmp_path, tiny_model, color_words, uninterrupted, monkeypatch):
     original = QLoRAModule.training_step
 
     def training_step(self, batch, batch_idx):
@@ -338,21 +300,21 @@ def test_resume_from_a_batch_end_checkpoint_is_exact(tmp_path, tiny_model, toy_d
 
     monkeypatch.setattr(QLoRAModule, "training_step", training_step)
     with pytest.raises(SystemExit):
-        main(fit_args(tmp_path, tiny_model, toy_data, *EXACT, "--checkpoint.every_n_train_steps=2"))
+        main(fit_args(tmp_path, tiny_model, color_words, *PLAIN_LORA, *EXACT, "--checkpoint.every_n_train_steps=2"))
     monkeypatch.undo()
     (first,) = run_dirs(tmp_path)
     assert torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
-    resumed = main(fit_args(tmp_path, tiny_model, toy_data, *EXACT, "--ckpt_path=last"))
+    resumed = main(fit_args(tmp_path, tiny_model, color_words, *PLAIN_LORA, *EXACT, "--ckpt_path=last"))
     losses = {**scalars(first, "train/loss"), **scalars(Path(resumed.trainer.log_dir), "train/loss")}
     assert losses == pytest.approx(uninterrupted, rel=1e-5)
 
 
-def test_lightning_advances_the_batch_order_each_epoch(tiny_model, toy_data):
+def test_lightning_advances_the_batch_order_each_epoch(tiny_model, color_words):
     from lightning.fabric.utilities.data import _set_sampler_epoch
 
     from capyft.datamodule import ChatDataModule
 
-    data = ChatDataModule(str(tiny_model), source=str(toy_data), train_size=8, val_size=0, test_size=0)
+    data = ChatDataModule(str(tiny_model), source=str(color_words), train_size=8, val_size=0, test_size=0)
     data.setup("fit")
     loader = data.train_dataloader()
     _set_sampler_epoch(loader, 1)  # what Lightning's fit loop does at the start of epoch 1
@@ -372,7 +334,8 @@ while True:
 
 def test_kill_during_save_leaves_a_whole_checkpoint(tmp_path):
     path = tmp_path / "last.ckpt"
-    proc = subprocess.Popen([sys.executable, "-c", KEEP_SAVING, str(path)], stdout=subprocess.PIPE, text=True)
+    command = [sys.executable, "-c", KEEP_SAVING, str(path)]
+    proc = subprocess.Popen(command, env=offline_env(), stdout=subprocess.PIPE, text=True)
     for _ in range(3):  # three saves done; the kill then lands at a random point of the next ones
         proc.stdout.readline()
     time.sleep(random.uniform(0.0, 0.2))
@@ -400,16 +363,16 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_model, toy_data) -> Path:
+def finished_run(tmp_path_factory, tiny_model, color_words) -> Path:
     """A short fit with a secret-looking HF_TOKEN in the environment; returns its run dir."""
     tmp_path = tmp_path_factory.mktemp("finished")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_TOKEN", "secret-xyz-123")
-        cli = main(fit_args(tmp_path, tiny_model, toy_data, "--trainer.max_steps=2"))
+        cli = main(fit_args(tmp_path, tiny_model, color_words, *PLAIN_LORA, "--trainer.max_steps=2"))
     return Path(cli.trainer.log_dir)
 
 
-def test_corrupt_checkpoint_is_reported_clearly(tmp_path, finished_run, tiny_model, toy_data, no_model_load, caplog):
+def test_corrupt_checkpoint_is_reported_clearly(tmp_path, finished_run, tiny_model, color_words, no_model_load, caplog):
     data = (finished_run / "checkpoints" / "last.ckpt").read_bytes()
     truncated, flipped = tmp_path / "truncated.ckpt", tmp_path / "flipped.ckpt"
     truncated.write_bytes(data[: len(data) // 2])
@@ -419,7 +382,7 @@ def test_corrupt_checkpoint_is_reported_clearly(tmp_path, finished_run, tiny_mod
     for path, reason in ((truncated, "not a complete zip archive"), (flipped, "fails its CRC check")):
         caplog.clear()
         with caplog.at_level(logging.ERROR, logger="capyft"):
-            assert run(fit_args(tmp_path, tiny_model, toy_data, f"--ckpt_path={path}")) == 2
+            assert run(fit_args(tmp_path, tiny_model, color_words, *PLAIN_LORA, f"--ckpt_path={path}")) == 2
         (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert f"checkpoint {path} is truncated or corrupt (" in error and reason in error
         assert "delete it or pass another --ckpt_path" in error
@@ -500,10 +463,18 @@ def callback(cli, kind):
 SNAPSHOTS = '--trainer.callbacks+={"class_path": "test_reliability.Snapshots"}'
 
 
-def test_nonfinite_steps_are_skipped_and_counted(tmp_path, tiny_model, toy_data, monkeypatch):
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, tiny_model, color_words, monkeypatch):
     poison_steps(monkeypatch, bad={2, 3})
     cli = main(
-        fit_args(tmp_path, tiny_model, toy_data, "--trainer.max_steps=6", "--model.learning_rate=0.01", SNAPSHOTS)
+        fit_args(
+            tmp_path,
+            tiny_model,
+            color_words,
+            *PLAIN_LORA,
+            "--trainer.max_steps=6",
+            "--model.learning_rate=0.01",
+            SNAPSHOTS,
+        )
     )
     assert cli.trainer.global_step == 6
     assert callback(cli, NonFiniteGuard).skipped == 2
@@ -516,12 +487,12 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, tiny_model, toy_data,
 
 
 def test_consecutive_nonfinite_steps_stop_and_keep_the_last_good_checkpoint(
-    tmp_path, tiny_model, toy_data, monkeypatch, caplog
+    tmp_path, tiny_model, color_words, monkeypatch, caplog
 ):
     poison_steps(monkeypatch, from_step=2)
     args = ["--trainer.max_steps=50", "--checkpoint.every_n_train_steps=1", "--guard.max_nonfinite_steps=3", SNAPSHOTS]
     with caplog.at_level(logging.WARNING):
-        assert run(fit_args(tmp_path, tiny_model, toy_data, *args)) == 1
+        assert run(fit_args(tmp_path, tiny_model, color_words, *PLAIN_LORA, *args)) == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("3 optimizer steps in a row (steps 2-4) had a non-finite loss or gradient" in e for e in errors)
     (run_dir,) = run_dirs(tmp_path)
@@ -540,13 +511,13 @@ def test_checkpoint_with_nonfinite_weights_is_refused():
 
 
 # ---- 5. CUDA out of memory ----------------------------------------------------------------------------------
-def test_out_of_memory_names_the_knobs(tmp_path, tiny_model, toy_data, monkeypatch, caplog):
+def test_out_of_memory_names_the_knobs(tmp_path, tiny_model, color_words, monkeypatch, caplog):
     def training_step(self, batch, batch_idx):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has 8 GiB")
 
     monkeypatch.setattr(QLoRAModule, "training_step", training_step)
     with caplog.at_level(logging.ERROR):
-        assert run(fit_args(tmp_path, tiny_model, toy_data, "--trainer.max_steps=2")) == 1
+        assert run(fit_args(tmp_path, tiny_model, color_words, *PLAIN_LORA, "--trainer.max_steps=2")) == 1
     text = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
     for knob in ("data.max_length 256", "data.batch_size 2", "model.gradient_checkpointing False"):
         assert knob in text, text

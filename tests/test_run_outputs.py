@@ -11,33 +11,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import scalars, texts
+from helpers import PLAIN_LORA_VALIDATED, fit_args, scalars, texts
 from safetensors.torch import load_file
 
 from capyft import assets
 from capyft.cli import main, run
 from capyft.tiny import make_tiny_llama
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def fit_args(tmp_path: Path, model: Path, data: Path, *extra: str) -> list[str]:
-    """A quick CPU fit of plain LoRA on the tiny model: 8 rows in micro-batches of 2, 4 steps an epoch."""
-    return [
-        "fit",
-        "--config",
-        str(REPO / "configs" / "tiny.yaml"),
-        f"--model.model_name_or_path={model}",
-        f"--data.source={data}",
-        "--model.load_in_4bit=false",
-        "--model.gradient_checkpointing=false",
-        "--model.learning_rate=0.02",
-        "--model.val_answers=0",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        *extra,
-    ]
 
 
 class Validations(L.Callback):
@@ -75,6 +54,7 @@ def test_best_is_the_lowest_val_loss_of_all_validations_the_last_included(tmp_pa
         tmp_path,
         tiny_model,
         color_words,
+        *PLAIN_LORA_VALIDATED,
         "--trainer.max_steps=5",
         "--trainer.val_check_interval=2",
         "--checkpoint.every_n_train_steps=2",
@@ -99,6 +79,7 @@ def test_the_end_of_training_is_validated_and_saved(tmp_path, tiny_model, color_
         tmp_path,
         tiny_model,
         color_words,
+        *PLAIN_LORA_VALIDATED,
         "--trainer.max_steps=6",
         "--trainer.val_check_interval=4",
         "--checkpoint.every_n_train_steps=4",
@@ -115,7 +96,14 @@ def test_tensorboard_steps_continue_after_an_epoch_end_resume(tmp_path, tiny_mod
     every = {"batch-end": ["--checkpoint.every_n_train_steps=4"], "train-end": []}.get(saved_at, [])
     if saved_at == "validation-end":  # the best checkpoint, written right after the epoch-end validation
         first = main(
-            fit_args(tmp_path, tiny_model, color_words, "--trainer.max_steps=4", "--trainer.val_check_interval=4")
+            fit_args(
+                tmp_path,
+                tiny_model,
+                color_words,
+                *PLAIN_LORA_VALIDATED,
+                "--trainer.max_steps=4",
+                "--trainer.val_check_interval=4",
+            )
         )
         best = first.trainer.checkpoint_callback.best_model_path
         resumed = main(
@@ -123,6 +111,7 @@ def test_tensorboard_steps_continue_after_an_epoch_end_resume(tmp_path, tiny_mod
                 tmp_path,
                 tiny_model,
                 color_words,
+                *PLAIN_LORA_VALIDATED,
                 "--trainer.max_steps=6",
                 "--trainer.limit_val_batches=0",
                 f"--ckpt_path={best}",
@@ -131,7 +120,15 @@ def test_tensorboard_steps_continue_after_an_epoch_end_resume(tmp_path, tiny_mod
         assert sorted(scalars(Path(resumed.trainer.log_dir), "train/loss")) == [4, 5]
         return
     first = main(
-        fit_args(tmp_path, tiny_model, color_words, "--trainer.max_steps=4", "--trainer.limit_val_batches=0", *every)
+        fit_args(
+            tmp_path,
+            tiny_model,
+            color_words,
+            *PLAIN_LORA_VALIDATED,
+            "--trainer.max_steps=4",
+            "--trainer.limit_val_batches=0",
+            *every,
+        )
     )
     assert sorted(scalars(Path(first.trainer.log_dir), "train/loss")) == [0, 1, 2, 3]
     resumed = main(
@@ -139,6 +136,7 @@ def test_tensorboard_steps_continue_after_an_epoch_end_resume(tmp_path, tiny_mod
             tmp_path,
             tiny_model,
             color_words,
+            *PLAIN_LORA_VALIDATED,
             "--trainer.max_steps=6",
             "--trainer.limit_val_batches=0",
             "--ckpt_path=last",
@@ -148,7 +146,14 @@ def test_tensorboard_steps_continue_after_an_epoch_end_resume(tmp_path, tiny_mod
 
 
 def test_command_line_wins_and_the_checkpoint_fixed_settings_must_agree(tmp_path, tiny_model, color_words, caplog):
-    base = fit_args(tmp_path, tiny_model, color_words, "--trainer.max_steps=2", "--trainer.limit_val_batches=0")
+    base = fit_args(
+        tmp_path,
+        tiny_model,
+        color_words,
+        *PLAIN_LORA_VALIDATED,
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=0",
+    )
     main(base)  # tiny.yaml: lora_r 8
     resume = [*base, "--trainer.max_steps=3", "--ckpt_path=last"]
     assert run([*resume, "--model.lora_r=16"]) == 2
@@ -169,6 +174,7 @@ def test_validation_answers_are_logged_at_each_validation(tmp_path, tiny_model, 
         tmp_path,
         tiny_model,
         color_words,
+        *PLAIN_LORA_VALIDATED,
         "--trainer.max_steps=4",
         "--trainer.val_check_interval=2",
         "--model.val_answers=2",

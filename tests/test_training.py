@@ -2,53 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import yaml
-from helpers import scalars
+from helpers import REPO, fit_args, scalars
 from safetensors.torch import load_file
 
 from capyft.cli import main
 from capyft.datamodule import ChatDataModule
 from capyft.model import QLoRAModule
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="session")
-def toy_data(tmp_path_factory) -> Path:
-    """A learnable toy set: the answer is a fixed function of the question; uneven lengths."""
-    words = ["red", "green", "blue", "amber", "violet", "black", "white", "olive", "teal", "pink", "gold", "gray"]
-    path = tmp_path_factory.mktemp("data") / "toy.jsonl"
-    with path.open("w") as f:
-        for i, w in enumerate(words):
-            messages = [
-                {"role": "user", "content": f"Say {w}" + " please" * (i % 4)},
-                {"role": "assistant", "content": " ".join([w] * (1 + i % 5))},
-            ]
-            f.write(json.dumps({"messages": messages}) + "\n")
-    return path
-
-
-def fit_args(tmp_path: Path, model: Path, data: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        str(REPO / "configs" / "tiny.yaml"),
-        f"--model.model_name_or_path={model}",
-        f"--data.source={data}",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-        "--trainer.enable_progress_bar=false",
-        *extra,
-    ]
-
-
-def test_fit_trains_adapter_only_and_logs(tmp_path, tiny_model, toy_data):
-    cli = main(fit_args(tmp_path, tiny_model, toy_data, "--trainer.max_steps=24", "--model.learning_rate=0.03"))
+def test_fit_trains_adapter_only_and_logs(tmp_path, tiny_model, uneven_colors):
+    cli = main(fit_args(tmp_path, tiny_model, uneven_colors, "--trainer.max_steps=24", "--model.learning_rate=0.03"))
     run = Path(cli.trainer.log_dir)
     module = cli.model
 
@@ -112,13 +81,14 @@ def test_fit_trains_adapter_only_and_logs(tmp_path, tiny_model, toy_data):
     # the saved config reproduces the run
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["model_name_or_path"] == str(tiny_model)
-    assert "tokenizer" not in saved["data"] and cli.datamodule.hparams.tokenizer == str(tiny_model)  # linked
+    assert "tokenizer_name_or_path" not in saved["data"]
+    assert cli.datamodule.hparams.tokenizer_name_or_path == str(tiny_model)  # linked
     assert saved["trainer"]["max_steps"] == 24
 
 
-def test_adapter_loads_into_plain_base(tmp_path, tiny_model, toy_data):
+def test_adapter_loads_into_plain_base(tmp_path, tiny_model, uneven_colors):
     """Plain LoRA (no 4-bit): the exported adapter on a fresh fp32 base gives the module's logits exactly."""
-    cli = main(fit_args(tmp_path, tiny_model, toy_data, "--trainer.max_steps=3", "--model.load_in_4bit=false"))
+    cli = main(fit_args(tmp_path, tiny_model, uneven_colors, "--trainer.max_steps=3", "--model.load_in_4bit=false"))
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -131,16 +101,16 @@ def test_adapter_loads_into_plain_base(tmp_path, tiny_model, toy_data):
         torch.testing.assert_close(fresh.eval()(input_ids=ids).logits, module.model(input_ids=ids).logits)
 
 
-def test_resume_matches_uninterrupted(tmp_path, tiny_model, toy_data):
+def test_resume_matches_uninterrupted(tmp_path, tiny_model, uneven_colors):
     common = ["--model.lora_dropout=0.2", "--trainer.val_check_interval=3", "--checkpoint.every_n_train_steps=3"]
-    straight = main(fit_args(tmp_path / "a", tiny_model, toy_data, "--trainer.max_steps=8", *common))
+    straight = main(fit_args(tmp_path / "a", tiny_model, uneven_colors, "--trainer.max_steps=8", *common))
     # the interrupted run has the same plan (max_steps 8, so the same LR schedule) but stops after step 3
-    stop = '--trainer.callbacks+={"class_path": "test_training.StopAtStep", "init_args": {"step": 3}}'
-    first = main(fit_args(tmp_path / "b", tiny_model, toy_data, "--trainer.max_steps=8", *common, stop))
+    stop = '--trainer.callbacks+={"class_path": "helpers.StopAtStep", "init_args": {"step": 3}}'
+    first = main(fit_args(tmp_path / "b", tiny_model, uneven_colors, "--trainer.max_steps=8", *common, stop))
     assert first.trainer.global_step == 3
     run_b = Path(first.trainer.log_dir)
     resumed = main(
-        fit_args(tmp_path / "b", tiny_model, toy_data, "--trainer.max_steps=8", *common)
+        fit_args(tmp_path / "b", tiny_model, uneven_colors, "--trainer.max_steps=8", *common)
         + [f"--ckpt_path={run_b / 'checkpoints' / 'last.ckpt'}"]
     )
     assert resumed.trainer.global_step == straight.trainer.global_step == 8
@@ -151,17 +121,6 @@ def test_resume_matches_uninterrupted(tmp_path, tiny_model, toy_data):
         assert a[step] == pytest.approx(b[step], rel=1e-5, abs=1e-6), step
     lr_a, lr_b = scalars(Path(straight.trainer.log_dir), "train/lr"), scalars(Path(resumed.trainer.log_dir), "train/lr")
     assert all(lr_a[s] == pytest.approx(lr_b[s]) for s in lr_b)
-
-
-class StopAtStep(L.Callback):
-    """Stops training after ``step`` optimizer steps, like an interruption."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
 
 
 class GradRecorder(L.Callback):
@@ -204,21 +163,21 @@ def first_step_grads(model_dir: Path, data: Path, batch, accumulate: int, tmp_pa
     return recorder.grads
 
 
-def test_accumulation_is_token_weighted(tmp_path, tiny_model, toy_data):
-    big = first_step_grads(tiny_model, toy_data, batch=4, accumulate=1, tmp_path=tmp_path)
-    small = first_step_grads(tiny_model, toy_data, batch=1, accumulate=4, tmp_path=tmp_path)
+def test_accumulation_is_token_weighted(tmp_path, tiny_model, uneven_colors):
+    big = first_step_grads(tiny_model, uneven_colors, batch=4, accumulate=1, tmp_path=tmp_path)
+    small = first_step_grads(tiny_model, uneven_colors, batch=1, accumulate=4, tmp_path=tmp_path)
     assert big.pop("accumulate") == 1 and small.pop("accumulate") == 4
     assert big and big.keys() == small.keys()
     for name in big:
         torch.testing.assert_close(small[name], big[name], rtol=1e-4, atol=1e-7)
 
 
-def test_auto_batch_size_keeps_the_step_and_its_gradient(tmp_path, tiny_model, toy_data):
+def test_auto_batch_size_keeps_the_step_and_its_gradient(tmp_path, tiny_model, uneven_colors):
     """batch_size auto with a 2-conversation token budget runs 2 x 2: the same step, the same gradient as 4 x 1."""
-    big = first_step_grads(tiny_model, toy_data, batch=4, accumulate=1, tmp_path=tmp_path)
-    fixed = first_step_grads(tiny_model, toy_data, batch=2, accumulate=2, tmp_path=tmp_path)
+    big = first_step_grads(tiny_model, uneven_colors, batch=4, accumulate=1, tmp_path=tmp_path)
+    fixed = first_step_grads(tiny_model, uneven_colors, batch=2, accumulate=2, tmp_path=tmp_path)
     auto = first_step_grads(
-        tiny_model, toy_data, "auto", accumulate=1, tmp_path=tmp_path, step_size=4, micro_batch_tokens=2 * 128 + 5
+        tiny_model, uneven_colors, "auto", accumulate=1, tmp_path=tmp_path, step_size=4, micro_batch_tokens=2 * 128 + 5
     )
     assert int(auto.pop("accumulate")) == 2 and int(fixed.pop("accumulate")) == 2 and int(big.pop("accumulate")) == 1
     assert big and big.keys() == auto.keys() == fixed.keys()
@@ -242,7 +201,7 @@ def test_micro_batch_split_fits_the_budget_and_keeps_the_step():
         ChatDataModule("tok", batch_size="auto")
 
 
-def test_training_after_validation_moves_weights(tmp_path, tiny_model, toy_data):
+def test_training_after_validation_moves_weights(tmp_path, tiny_model, uneven_colors):
     """bitsandbytes' CPU trap: a no-grad pass must not stop gradients through the 4-bit layers."""
 
     def lora_delta(*extra: str) -> float:
@@ -250,7 +209,7 @@ def test_training_after_validation_moves_weights(tmp_path, tiny_model, toy_data)
             fit_args(
                 tmp_path / str(len(extra)),
                 tiny_model,
-                toy_data,
+                uneven_colors,
                 "--trainer.max_steps=4",
                 "--model.lora_dropout=0.0",
                 *extra,
@@ -273,11 +232,11 @@ def test_every_config_parses():
 
 
 @pytest.mark.parametrize("which", ["best", "last"])
-def test_test_subcommand_finds_the_runs_checkpoint(tmp_path, tiny_model, toy_data, which):
+def test_test_subcommand_finds_the_runs_checkpoint(tmp_path, tiny_model, uneven_colors, which):
     """`test --config <run>/config.yaml --ckpt_path best|last` in a fresh process evaluates that run, into its dir."""
     from capyft.assets import minilm_dir
 
-    fit = main(fit_args(tmp_path, tiny_model, toy_data, "--trainer.max_steps=4", "--trainer.val_check_interval=2"))
+    fit = main(fit_args(tmp_path, tiny_model, uneven_colors, "--trainer.max_steps=4", "--trainer.val_check_interval=2"))
     run = Path(fit.trainer.log_dir)
     tested = main(
         [
@@ -299,9 +258,11 @@ def test_test_subcommand_finds_the_runs_checkpoint(tmp_path, tiny_model, toy_dat
     assert (out / "predictions.jsonl").exists() and (out / "test_metrics.json").exists()
 
 
-def test_saved_config_reproduces_the_run(tmp_path, tiny_model, toy_data):
+def test_saved_config_reproduces_the_run(tmp_path, tiny_model, uneven_colors):
     """`fit --config <run>/config.yaml` alone repeats the run: the same losses, step for step."""
-    first = main(fit_args(tmp_path / "a", tiny_model, toy_data, "--trainer.max_steps=5", "--model.lora_dropout=0.1"))
+    first = main(
+        fit_args(tmp_path / "a", tiny_model, uneven_colors, "--trainer.max_steps=5", "--model.lora_dropout=0.1")
+    )
     run = Path(first.trainer.log_dir)
     again = main(
         [
