@@ -1,19 +1,16 @@
-"""``python -m capyft export`` and ``chat`` on a tiny Llama trained for 2 steps (whole file: ~60 s on CPU)."""
+"""``python -m capyft export`` and ``chat`` on a tiny_model Llama trained for 2 steps (whole file: ~60 s on CPU)."""
 
 import io
 import json
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
 import pytest
 import torch
+from helpers import fit_args
 from safetensors.torch import load_file
 
 from capyft import cli
 from capyft.answers import ContextError, fit_to_context, predict_file, prompt_and_reference
-from capyft.assets import smollm2_dir
 from capyft.chat import encode_prompt, end_of_turn_ids, render
 from capyft.checkpoints import checkpoint_hparams, load_checkpoint, load_for_inference
 from capyft.conversation import ChatSession, repl
@@ -21,37 +18,20 @@ from capyft.data import SAMPLE_DATA
 from capyft.export import export
 from capyft.generation import GenerationSettings
 from capyft.levers import disable_cpu_weight_packing
-from capyft.tiny import make_tiny_llama
 
 QUESTION = [{"role": "user", "content": "Hello there, what is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny"), smollm2_dir())
-
-
-@pytest.fixture(scope="module")
-def run(tiny, tmp_path_factory):
+def run(tiny_model, tmp_path_factory):
     """A real run dir: 2 QLoRA steps (4-bit base) at a high learning rate, so LoRA B is far from its zero init; its
     config.yaml saves 7 new tokens as the generation setting (chat's default)."""
-    save_dir = tmp_path_factory.mktemp("runs")
-    # fmt: off
-    cli.main([
-        "fit", "--seed_everything", "0",
-        "--model.model_name_or_path", str(tiny), "--model.compute_dtype", "float32",
-        "--model.lora_r", "8", "--model.lora_alpha", "16", "--model.learning_rate", "0.02", "--model.warmup_steps", "0",
-        "--model.generation.max_new_tokens", "7",
-        "--data.source", str(SAMPLE_DATA), "--data.train_size", "4", "--data.val_size", "2", "--data.test_size", "2",
-        "--data.max_length", "256", "--data.batch_size", "2",
-        "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.max_steps", "2",
-        "--trainer.max_epochs", "-1", "--trainer.val_check_interval", "2",
-        "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
-        "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.logger.init_args.name", "tiny",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-    ])
-    # fmt: on
-    return save_dir / "tiny" / "version_0"
+    root = tmp_path_factory.mktemp("export-run")
+    extra = ["--seed_everything=0", "--model.learning_rate=0.02", "--model.warmup_steps=0"]
+    extra += ["--model.generation.max_new_tokens=7", "--data.train_size=4", "--trainer.max_steps=2"]
+    extra += ["--trainer.val_check_interval=2", "--trainer.enable_model_summary=false"]
+    cli.main(fit_args(root, tiny_model, SAMPLE_DATA, *extra))
+    return root / "runs" / "tiny" / "version_0"
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +40,10 @@ def ckpt(run):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny):
+def tokenizer(tiny_model):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(tiny)
+    return AutoTokenizer.from_pretrained(tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +56,10 @@ def logits(model, input_ids):
         return model.eval()(input_ids=input_ids).logits.float()
 
 
-def plain_base(tiny):
+def plain_base(tiny_model):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +84,14 @@ def adapter_out(ckpt, tmp_path_factory):
 
 
 def test_adapter_export_loads_with_plain_peft_and_gives_the_module_logits(
-    adapter_out, tiny, tokenizer, input_ids, module_logits
+    adapter_out, tiny_model, tokenizer, input_ids, module_logits
 ):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json"} <= set(os.listdir(adapter_out))
     config = json.loads((adapter_out / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(tiny)
+    assert config["base_model_name_or_path"] == str(tiny_model)
     assert (config["r"], config["lora_alpha"]) == (8, 16)
     weights = load_file(adapter_out / "adapter_model.safetensors")
     assert weights and all("lora_" in k for k in weights) and {v.dtype for v in weights.values()} == {torch.float32}
@@ -124,7 +104,7 @@ def test_adapter_export_loads_with_plain_peft_and_gives_the_module_logits(
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
     )
-    base4 = AutoModelForCausalLM.from_pretrained(tiny, quantization_config=quant, dtype=torch.float32)
+    base4 = AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=quant, dtype=torch.float32)
     # as in training: without this, bitsandbytes on AVX512-BF16 CPUs repacks the 4-bit weights for a bf16 kernel
     # during no-grad passes, which moves these logits by ~0.03 (see capyft.levers.disable_cpu_weight_packing)
     disable_cpu_weight_packing(base4)
@@ -150,7 +130,7 @@ def kl(reference, candidate):
 
 
 def test_merge_defaults_to_the_evaluated_quantized_base_and_reports_fidelity(
-    ckpt, run, adapter_out, tiny, tokenizer, input_ids, tmp_path, capsys
+    ckpt, run, adapter_out, tiny_model, tokenizer, input_ids, tmp_path, capsys
 ):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -177,10 +157,10 @@ def test_merge_defaults_to_the_evaluated_quantized_base_and_reports_fidelity(
     assert f"mean KL {fidelity['mean_kl']:.3g}, next-token agreement 100.0%" in capsys.readouterr().out
 
     # the original 16/32-bit base, on request: equal to that base + adapter, and measured as further from what
-    # was evaluated (the tiny model's random weights lose much to NF4)
+    # was evaluated (the tiny_model model's random weights lose much to NF4)
     original_dir = export(tmp_path / "original", ckpt_path=ckpt, merge=True, merge_base="original")
     original = logits(AutoModelForCausalLM.from_pretrained(original_dir), input_ids)
-    unmerged = logits(PeftModel.from_pretrained(plain_base(tiny), adapter_out), input_ids)
+    unmerged = logits(PeftModel.from_pretrained(plain_base(tiny_model), adapter_out), input_ids)
     assert torch.allclose(original, unmerged, atol=1e-4), (original - unmerged).abs().max()
     original_fidelity = json.loads((original_dir / "fidelity.json").read_text())
     assert original_fidelity["merge_base"] == "original"
@@ -225,12 +205,12 @@ def test_adapter_export_casts_to_dtype(ckpt, run, adapter_out, tmp_path):
         assert (out / "adapter_config.json").is_file() and (out / "tokenizer_config.json").is_file()
 
 
-def test_chat_loads_checkpoint_adapter_folder_or_base_alike(ckpt, run, tiny, loaded, input_ids):
+def test_chat_loads_checkpoint_adapter_folder_or_base_alike(ckpt, run, tiny_model, loaded, input_ids):
     from_ckpt = logits(loaded[0], input_ids)
     from_adapter, _, _ = load_for_inference(adapter=run / "adapter" / "final")
     assert torch.allclose(logits(from_adapter, input_ids), from_ckpt, atol=1e-5)
-    base_only, _, checkpoint = load_for_inference(model=str(tiny))
-    assert checkpoint == {} and torch.allclose(logits(base_only, input_ids), logits(plain_base(tiny), input_ids))
+    base_only, _, checkpoint = load_for_inference(model=str(tiny_model))
+    assert checkpoint == {} and torch.allclose(logits(base_only, input_ids), logits(plain_base(tiny_model), input_ids))
 
 
 class Opaque:  # any pickled class: weights_only loading must refuse it

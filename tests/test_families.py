@@ -59,7 +59,7 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str, attn: str | None = None, seed: int = 0):
+def family_model(family: str, attn: str | None = None, seed: int = 0):
     import transformers
 
     config_class, settings, default_attn = FAMILIES[family]
@@ -86,7 +86,7 @@ def conversations(seed: int = 0) -> list[dict[str, list[int]]]:
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @torch.no_grad()
 def test_packed_row_equals_each_conversation_alone(family):
-    model = tiny_model(family)
+    model = family_model(family)
     rows = conversations()
     packed = ChatCollator(pad_id=0, padding_free=True)(rows)
     kwargs = PackedRow.from_position_ids(packed["position_ids"]).attention_kwargs("cpu")
@@ -117,7 +117,7 @@ def test_sdpa_packed_uses_a_banded_mask_only_past_the_window(monkeypatch):
         return real(query, key, value, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    model = tiny_model("mistral")
+    model = family_model("mistral")
     packed = ChatCollator(pad_id=0, padding_free=True)(conversations())
     causal_lm_loss_sum(model, packed, chunk_size=0)
     # a conversation of n > 8 tokens: n * 8 - 28 visible pairs (8 x 9 / 2 = 36 in the first 8 rows, then 8 a row)
@@ -137,7 +137,7 @@ def test_sdpa_packed_refuses_attention_softcapping(tmp_path):
         check_packed_sdpa(config)
     assert str(err.value) == message
     # capyft's loader refuses before the weights load (transformers' own refusal would be a long ValueError)
-    tiny_model("gemma2").save_pretrained(tmp_path)
+    family_model("gemma2").save_pretrained(tmp_path)
     with pytest.raises(ConfigError) as err:
         load_base_model(str(tmp_path), dtype="float32", attn_implementation=PACKED_SDPA)
     assert str(err.value) == message
@@ -166,7 +166,7 @@ def test_sdpa_packed_refuses_layer_types_it_does_not_compute():
 @pytest.mark.parametrize("family", ["llama", "granite", "gemma2", "gemma3", "cohere"])
 @torch.no_grad()
 def test_loss_equals_the_models_own_loss(family, chunk_size):
-    model = tiny_model(family, attn="eager" if family == "gemma2" else "sdpa")
+    model = family_model(family, attn="eager" if family == "gemma2" else "sdpa")
     check_logit_transform(model)  # accepted
     batch = ChatCollator(pad_id=0)(conversations(seed=1)[:3])  # padded: 3 rows, right padding
     loss_sum, n_tokens = causal_lm_loss_sum(model, batch, chunk_size=chunk_size)
@@ -187,7 +187,7 @@ def inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def test_loss_with_gradients_and_lora_equals_the_models_own_loss():
     from capyft.modeling import build_lora_config, wrap_with_lora
 
-    model = wrap_with_lora(tiny_model("granite", "sdpa"), build_lora_config(r=4, alpha=8, dropout=0.0))
+    model = wrap_with_lora(family_model("granite", "sdpa"), build_lora_config(r=4, alpha=8, dropout=0.0))
     batch = ChatCollator(pad_id=0)(conversations(seed=2)[:2])
     loss_sum, n_tokens = causal_lm_loss_sum(model, batch, chunk_size=5)  # checkpointed chunks
     (loss_sum / n_tokens).backward()

@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import fit_args
 
 from capyft.assets import minilm_dir
 from capyft.checks import ConfigError
@@ -18,8 +19,6 @@ from capyft.datamodule import ChatDataModule
 from capyft.evaluation import BERTScoreSettings
 from capyft.generation import GenerationSettings
 from capyft.model import QLoRAModule
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_module(model_dir, **overrides) -> QLoRAModule:
@@ -136,20 +135,8 @@ def qv_checkpoint(tmp_path_factory, tiny_model) -> Path:
     """``last.ckpt`` of a 3-step fit through the CLI with a q_proj,v_proj adapter of rank 8."""
     from capyft.cli import main
 
-    runs = tmp_path_factory.mktemp("qv") / "runs"
-    cli = main(
-        [
-            "fit",
-            "--config",
-            str(REPO / "configs" / "tiny.yaml"),
-            f"--model.model_name_or_path={tiny_model}",
-            f"--data.source={SAMPLE_DATA}",
-            f"--trainer.logger.init_args.save_dir={runs}",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.max_steps=3",
-            "--model.target_modules=[q_proj,v_proj]",
-        ]
-    )
+    args = ["--trainer.max_steps=3", "--model.target_modules=[q_proj,v_proj]"]
+    cli = main(fit_args(tmp_path_factory.mktemp("qv"), tiny_model, SAMPLE_DATA, *args))
     return Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
 
 
