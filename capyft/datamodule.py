@@ -132,9 +132,7 @@ class ChatDataModule(L.LightningDataModule):
             raise ValueError("no training conversations: set data.train_size > 0 (or None for all that remain)")
         split = self.splits["train"]
         trainer = self.trainer
-        batch_size = self.hparams.batch_size
-        if batch_size == "auto":
-            batch_size = self._auto_split()
+        batch_size = self._micro_batch_size()
         accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = StepBatchSampler(
@@ -168,6 +166,14 @@ class ChatDataModule(L.LightningDataModule):
             generator=self._generator(),
         )
 
+    def _micro_batch_size(self) -> int:
+        """Training conversations per micro-batch: ``batch_size``, or what ``auto`` picks (once per fit)."""
+        if self.hparams.batch_size != "auto":
+            return self.hparams.batch_size
+        if getattr(self, "_auto_batch", None) is None:
+            self._auto_batch = self._auto_split()
+        return self._auto_batch
+
     def _auto_split(self) -> int:
         """Picks the micro-batch for ``batch_size: auto`` and sets the trainer's accumulation to match."""
         hp, trainer = self.hparams, self.trainer
@@ -198,10 +204,14 @@ class ChatDataModule(L.LightningDataModule):
         per_rank = -(-len(rows) // replicas)
         mine = rows[rank::replicas]
         mine += [-1 - row for row in rows[: per_rank - len(mine)]]  # negative: a padding copy of that row
+        # No more conversations per validation batch than per training micro-batch: a no-grad pass over the same
+        # tokens needs less memory than training, so validation cannot raise the run's peak. At eval_batch_size 16,
+        # a packed validation row of Capybara is ~15k tokens, several times a training micro-batch on an 8 GB card.
+        batch_size = min(self.hparams.eval_batch_size, self._micro_batch_size())
         return DataLoader(
             TaggedDataset(self.splits["val"]),
             sampler=mine,
-            batch_size=self.hparams.eval_batch_size,
+            batch_size=batch_size,
             collate_fn=self._collator(),
             num_workers=self.hparams.num_workers,
             generator=self._generator(),
