@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ def print_summary(
     """Prints the comparison table, the paired verdicts, bert-score's hash and where the outputs went."""
     from rich.console import Console
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)  # a file or pipe: wide enough for the table
     console.print(comparison_table(metrics))
     for line in paired_summary(comparisons or {}):
         console.print(line, highlight=False)
