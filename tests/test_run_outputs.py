@@ -92,56 +92,21 @@ def test_the_end_of_training_is_validated_and_saved(tmp_path, tiny_model, color_
 
 @pytest.mark.parametrize("saved_at", ["batch-end", "train-end", "validation-end"])
 def test_tensorboard_steps_continue_after_an_epoch_end_resume(tmp_path, tiny_model, color_words, saved_at):
-    """4 steps are one epoch: resuming from that checkpoint logs steps 4 and 5, as the uninterrupted run does."""
-    every = {"batch-end": ["--checkpoint.every_n_train_steps=4"], "train-end": []}.get(saved_at, [])
-    if saved_at == "validation-end":  # the best checkpoint, written right after the epoch-end validation
-        first = main(
-            fit_args(
-                tmp_path,
-                tiny_model,
-                color_words,
-                *PLAIN_LORA_VALIDATED,
-                "--trainer.max_steps=4",
-                "--trainer.val_check_interval=4",
-            )
-        )
-        best = first.trainer.checkpoint_callback.best_model_path
-        resumed = main(
-            fit_args(
-                tmp_path,
-                tiny_model,
-                color_words,
-                *PLAIN_LORA_VALIDATED,
-                "--trainer.max_steps=6",
-                "--trainer.limit_val_batches=0",
-                f"--ckpt_path={best}",
-            )
-        )
-        assert sorted(scalars(Path(resumed.trainer.log_dir), "train/loss")) == [4, 5]
-        return
-    first = main(
-        fit_args(
-            tmp_path,
-            tiny_model,
-            color_words,
-            *PLAIN_LORA_VALIDATED,
-            "--trainer.max_steps=4",
-            "--trainer.limit_val_batches=0",
-            *every,
-        )
-    )
+    """4 steps are one epoch: resuming from a checkpoint of that moment logs steps 4 and 5, as the uninterrupted run
+    does. ``validation-end`` resumes from the best checkpoint, written right after the epoch-end validation."""
+
+    def fit(*extra: str):
+        return main(fit_args(tmp_path, tiny_model, color_words, *PLAIN_LORA_VALIDATED, *extra))
+
+    first_args = {
+        "batch-end": ["--trainer.limit_val_batches=0", "--checkpoint.every_n_train_steps=4"],
+        "train-end": ["--trainer.limit_val_batches=0"],
+        "validation-end": ["--trainer.val_check_interval=4"],
+    }[saved_at]
+    first = fit("--trainer.max_steps=4", *first_args)
     assert sorted(scalars(Path(first.trainer.log_dir), "train/loss")) == [0, 1, 2, 3]
-    resumed = main(
-        fit_args(
-            tmp_path,
-            tiny_model,
-            color_words,
-            *PLAIN_LORA_VALIDATED,
-            "--trainer.max_steps=6",
-            "--trainer.limit_val_batches=0",
-            "--ckpt_path=last",
-        )
-    )
+    ckpt = first.trainer.checkpoint_callback.best_model_path if saved_at == "validation-end" else "last"
+    resumed = fit("--trainer.max_steps=6", "--trainer.limit_val_batches=0", f"--ckpt_path={ckpt}")
     assert sorted(scalars(Path(resumed.trainer.log_dir), "train/loss")) == [4, 5]
 
 
