@@ -303,15 +303,13 @@ class QLoRAModule(L.LightningModule):
         batch = datamodule.sample_prompts(self.val_answers) if hasattr(datamodule, "sample_prompts") else None
         if batch is None or not self.trainer.is_global_zero:
             return
+        batch = {
+            **batch,
+            "input_ids": batch["input_ids"].to(self.device),
+            "attention_mask": batch["attention_mask"].to(self.device),
+        }
         settings = GenerationSettings(max_new_tokens=self.val_answer_tokens)
-        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        answers = generation.generate(
-            self.model, self.tokenizer, ids, mask, settings, generation.stop_ids(self.tokenizer, self.model)
-        )
-        records = [
-            {"row": row, "prompt": prompt, "reference": reference, "prediction": answer.text}
-            for row, prompt, reference, answer in zip(batch["row"], batch["prompt"], batch["reference"], answers)
-        ]
+        records, _ = generation.answer_batch(self.model, self.tokenizer, batch, settings)
         reporting.log_text(self.loggers, "val/answers", reporting.examples_markdown(records), self.trainer.global_step)
 
     # ---- test hook: generation + BERTScore (see capyft.evaluation) -----------------------------------------
