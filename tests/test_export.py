@@ -423,3 +423,20 @@ def test_chat_cli_max_context(ckpt, monkeypatch, capsys):
     assert cli.main(["chat", "--ckpt_path", str(ckpt), "--max_new_tokens", "4", "--max_context", "40"]) == 0
     out = capsys.readouterr().out
     assert out.count("assistant> ") == 2 and "(dropped 1 old turn to fit the context)" in out
+
+
+def test_chat_output_that_cannot_be_written_fails_before_the_model_loads(ckpt, tmp_path, monkeypatch, capsys):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before --output was checked")
+
+    monkeypatch.setattr("capyft.conversation.load_for_inference", no_model)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    rows = tmp_path / "in.jsonl"
+    rows.write_text(json.dumps({"messages": QUESTION}) + "\n")
+    output = blocker / "answers.jsonl"  # its parent is a file: nothing can be written there, root or not
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["chat", "--ckpt_path", str(ckpt), "--input", str(rows), "--output", str(output)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--output" in err and str(blocker) in err and len(err.strip().splitlines()) == 1

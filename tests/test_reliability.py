@@ -524,3 +524,23 @@ def test_out_of_memory_names_the_knobs(tmp_path, tiny_model, color_words, monkey
         assert knob in text, text
     assert "data.padding_free" in text and "accumulate_grad_batches" in text
     assert "Tried to allocate 20.00 GiB" in text
+
+
+def test_every_command_reports_a_bad_subcommand_or_key_in_one_line(capsys, monkeypatch):
+    """One error format for LightningCLI's commands and capyft's own (data, export, chat): the fix names
+    ``python -m capyft ... --help``, never ``__main__.py``."""
+    monkeypatch.setattr(sys, "argv", ["capyft"])
+    cases = [
+        (["nope"], "invalid choice: 'nope'", "`python -m capyft --help`"),
+        (["export", "--nope", "1"], "unrecognized arguments: --nope", "`python -m capyft export --help`"),
+        (["chat", "--nope", "1"], "unrecognized arguments: --nope", "`python -m capyft chat --help`"),
+        (["data", "--nope", "1"], "--nope", "`python -m capyft data --help`"),
+    ]
+    for args, problem, hint in cases:
+        try:
+            status = main(args)
+        except SystemExit as exit_info:
+            status = exit_info.code
+        assert status == 2, args
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and problem in err[0] and hint in err[0] and "__main__" not in err[0], (args, err)
