@@ -73,6 +73,12 @@ class CapyCLI(LightningCLI):
             }
         )
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in ("validate", "test"):
+            parser.set_defaults({"verbose": False})  # capyft prints its own table, not Lightning's of 30 raw metrics
+        return parser
+
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
         # before LightningCLI reads the checkpoint's hyperparameters: resolve `last`, refuse a damaged file
