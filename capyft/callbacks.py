@@ -151,6 +151,9 @@ class GracefulStop(L.Callback):
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
         self._trainer, self.requested, self._stopping = trainer, None, None
+        if trainer.received_sigterm:  # arrived while the model loaded: Lightning would stop mid-window, we do not
+            self.requested = "SIGTERM"
+            trainer._signal_connector.received_sigterm = False
         for sig in self.SIGNALS:
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handle)

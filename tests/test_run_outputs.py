@@ -133,6 +133,11 @@ def test_command_line_wins_and_the_checkpoint_fixed_settings_must_agree(tmp_path
     resumed = main([*resume, f"--model.model_name_or_path={moved}"])
     assert resumed.trainer.global_step == 3
 
+    other_data = tmp_path / "other.jsonl"
+    shutil.copy(color_words, other_data)
+    main([*resume, "--trainer.max_steps=4", f"--data.source={other_data}"])  # allowed, but said
+    assert f"the checkpoint was trained on {color_words}, this command reads {other_data}" in caplog.text
+
 
 def test_validation_answers_are_logged_at_each_validation(tmp_path, tiny_model, color_words):
     args = fit_args(
