@@ -113,8 +113,8 @@ class QLoRAModule(L.LightningModule):
         val_answer_tokens: int = 32,
     ) -> None:
         super().__init__()
-        # Evaluation settings stay out of hparams, hence out of checkpoints: LightningCLI applies a ckpt_path's
-        # hparams over the command line, which would undo e.g. `test --model.compare_base true`.
+        # Evaluation settings stay out of the checkpoint's hyper-parameters: they belong to each evaluation, not to the
+        # trained adapter (the run's config.yaml keeps the ones it trained with; chat reads them from there).
         self.save_hyperparameters(
             ignore=["generation", "bertscore", "compare_base", "val_answers", "val_answer_tokens"]
         )
