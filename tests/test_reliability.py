@@ -296,7 +296,7 @@ def test_resume_from_a_batch_end_checkpoint_is_exact(tmp_path, tiny_model, color
 
     def training_step(self, batch, batch_idx):
         if self.trainer.global_step == 2:
-            raise KeyboardInterrupt  # Lightning stops gracefully; last.ckpt is LastCheckpoint's of step 2
+            raise KeyboardInterrupt  # Lightning stops gracefully; last.ckpt is the periodic one of step 2
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(QLoRAModule, "training_step", training_step)
