@@ -50,7 +50,8 @@ def base_model_fingerprint(config: Any) -> dict[str, Any]:
 
 
 # Settings a resumed or evaluated checkpoint fixes: the adapter's shape and the base it was trained against. Every
-# other model setting (paths, learning rate schedule, generation, evaluation) comes from the command line.
+# other model setting (paths, generation, evaluation) comes from the command line; the optimizer and its schedule
+# continue from the checkpoint's own state.
 FIXED_BY_CHECKPOINT = (
     "lora_r",
     "lora_alpha",
