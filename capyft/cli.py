@@ -98,7 +98,7 @@ class CapyCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        ckpt = checkpoints.checkpoint_metadata(ckpt_path)
         saved = ckpt.get("hyper_parameters") or {}
         conflicts = checkpoints.checkpoint_conflicts(saved, dict(config.model), ckpt.get("base_model") or {})
         if conflicts:

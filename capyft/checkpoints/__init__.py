@@ -22,6 +22,7 @@ from capyft.checkpoints.files import (
     check_checkpoint_file,
     checkpoint_hparams,
     checkpoint_load_error,
+    checkpoint_metadata,
     corrupt_checkpoint,
     load_checkpoint,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "check_checkpoint_file",
     "checkpoint_conflicts",
     "checkpoint_hparams",
+    "checkpoint_metadata",
     "checkpoint_load_error",
     "config_run_dir",
     "corrupt_checkpoint",

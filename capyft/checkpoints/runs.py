@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
-from capyft.checkpoints.files import check_checkpoint_file
+from capyft.checkpoints.files import check_checkpoint_file, checkpoint_metadata
 from capyft.checks import ConfigError
 
 log = logging.getLogger(__name__)
@@ -138,7 +137,7 @@ def config_run_dir(config: Any) -> Path | None:
 
 def best_checkpoint(last: Path) -> Path | None:
     """The best checkpoint recorded in ``last``'s checkpoint-callback state (it outlives the process)."""
-    state = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
+    state = checkpoint_metadata(last).get("callbacks", {})
     for key, value in state.items():
         best = value.get("best_model_path") if key.startswith(("RunCheckpoints", "ModelCheckpoint")) else None
         if best and Path(best).is_file():
