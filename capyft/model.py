@@ -80,7 +80,7 @@ class QLoRAModule(L.LightningModule):
             (``val/answers``), so the curves come with the answers they stand for; 0 turns it off.
         val_answer_tokens: most new tokens per validation answer. Each costs about one decode step (~0.1 s for the 8B
             model on an H200, from the test hook's measured 122 tokens/s at 16 prompts a batch): 32 tokens add ~3-4 s
-            to each validation.
+            to each validation. Their time is logged as ``val/answer_seconds``.
     """
 
     def __init__(
@@ -298,7 +298,11 @@ class QLoRAModule(L.LightningModule):
         if self._trainer is None or self.trainer.state.fn != "fit" or self.trainer.sanity_checking:
             return
         if self.val_answers > 0:
+            start = time.perf_counter()
             self._log_val_answers()
+            self.log("val/answer_seconds", time.perf_counter() - start, rank_zero_only=True, batch_size=1)
+        if torch.cuda.is_available():  # the run's peak so far, this validation and its answers included
+            self.log("val/peak_reserved_gib", torch.cuda.max_memory_reserved() / 2**30, batch_size=1)
 
     def on_validation_end(self) -> None:
         # A validation inside an accumulation window is not training time: keep it out of train/tokens_per_sec.

@@ -28,8 +28,11 @@ from bench import common, report, user_path  # noqa: E402
 # capyft stacks: overrides on top of the reference config (none: the config as shipped)
 CAPYFT = {
     "capyft": [],
+    "capyft-peft-lora": ["--model.fused_lora=false"],  # peft's own LoRA forward instead of capyft.fused_lora
+    "capyft-no-liger": ["--model.liger_kernels=false"],
+    # the shipped config with torch.profiler around steps 5-6 (bench/profile.py): kernel time, launches, ops
+    "capyft-profile": ["--trainer.callbacks+=bench.profile.StepProfiler"],
     "capyft-compile": ["--model.compile_layers=true"],
-    "capyft-compile-noliger": ["--model.compile_layers=true", "--model.liger_kernels=false"],
     "capyft-bf16-compile": [
         "--model.compile_layers=true",
         "--trainer.precision=bf16-mixed",

@@ -156,3 +156,6 @@ def test_validation_answers_are_logged_at_each_validation(tmp_path, tiny_model, 
     references = cli.datamodule.sample_prompts(2)["reference"]
     for text in logged.values():
         assert all(f"*reference:* {ref}" in text for ref in references) and text.count("*prediction:*") == 2
+    seconds = scalars(Path(cli.trainer.log_dir), "val/answer_seconds")  # what the answers cost, per validation
+    assert sorted(seconds) == sorted(scalars(Path(cli.trainer.log_dir), "val/loss")) and all(s > 0 for s in seconds.values())
+    assert len(seconds) == 2

@@ -102,7 +102,8 @@ def run_logged(command: list[str], log: Path, timeout: float, env: dict[str, str
     """Runs ``command`` from the repository root with its output in ``log``; returns exit status and wall time."""
     start = time.perf_counter()
     environ = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1", **(env or {})}
-    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), environ.get("PYTHONPATH")]))
+    paths = [str(REPO), str(REPO / "scripts"), environ.get("PYTHONPATH")]  # scripts/: bench.profile's callback
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     with log.open("w") as out:
         try:
             code = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=environ, timeout=timeout)

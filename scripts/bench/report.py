@@ -39,8 +39,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"data: {json.dumps(report.get('data'))}",
         "",
         "| stack | status | steps | real tok/s (mean) | real tok/s (median step) | step s (median) | tokens/step | "
-        "peak reserved GiB | first losses |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "peak reserved GiB (training steps / validation included) | val answers s | first losses |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, r in stacks.items():
         if "gen_tokens_per_sec" in r or name.startswith("test"):
@@ -48,7 +48,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {r.get('status', '-')} | {fmt(r.get('steps'))} | {fmt(r.get('real_tokens_per_s'))} | "
             f"{fmt(r.get('real_tokens_per_s_median_step'))} | {fmt(r.get('step_s_median'), 3)} | "
-            f"{fmt(r.get('tokens_per_step'))} | {fmt(r.get('peak_reserved_gib'), 2)} | {r.get('first_losses', '-')} |"
+            f"{fmt(r.get('tokens_per_step'))} | {fmt(r.get('peak_reserved_gib'), 2)} / "
+            f"{fmt(r.get('peak_reserved_gib_with_validation'), 2)} | {r.get('val_answer_seconds', '-')} | "
+            f"{r.get('first_losses', '-')} |"
         )
     tests = {k: v for k, v in stacks.items() if k.startswith("test")}
     if tests:

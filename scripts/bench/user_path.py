@@ -42,7 +42,8 @@ def fit(
         *extra,
     ]
     result: dict[str, Any] = {"stack": name, "command": " ".join(command[1:])}
-    result |= run_logged(command, out / f"{name}.log", timeout)
+    profile = {"BENCH_PROFILE_DIR": str(out / f"{name}-profile")}  # read by bench.profile.StepProfiler, if on
+    result |= run_logged(command, out / f"{name}.log", timeout, env=profile)
     runs = sorted(save_dir.glob("*/version_*"))
     if runs:
         result["run_dir"] = str(runs[-1])
@@ -112,6 +113,14 @@ def summarize_run(run: Path, first: int = 3) -> dict[str, Any]:
         out["scaler_skips"] = values["train/scaler_skips"][-1][2]
     peaks = values.get("train/peak_reserved_gib", [])
     out["peak_reserved_gib"] = max((v for _, _, v in peaks), default=None)
+    # the run's peak as read after each validation (its batches and answers included)
+    val_peaks = values.get("val/peak_reserved_gib", [])
+    out["peak_reserved_gib_with_validation"] = max((v for _, _, v in [*peaks, *val_peaks]), default=None)
+    answers = [v for _, _, v in values.get("val/answer_seconds", [])]
+    out["validations"] = len(values.get("val/loss", []))
+    out["val_answer_seconds"] = [round(v, 2) for v in answers]
+    if len(losses) > 1:
+        out["train_span_s"] = losses[-1][0] - losses[0][0]  # first to last step record (validations inside it)
     allocated = values.get("train/peak_mem_gib", [])
     out["peak_allocated_gib"] = max((v for _, _, v in allocated), default=None)
     if len(inputs) == len(losses) and len(losses) > first:
