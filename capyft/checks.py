@@ -234,7 +234,8 @@ def check_data_values(data: Mapping[str, Any], prefix: str = "data") -> None:
     """Fails on ``data.*`` sizes no run can use, before the model loads (``batch_size 0`` otherwise fails only when
     the first batch is drawn).
 
-    A ``batch_size`` that is not a number (e.g. ``auto``) is left to whatever resolves it.
+    A ``batch_size`` that is not a number (e.g. ``auto``) is left to whatever resolves it; ``eval_batch_size`` may
+    be a number or ``auto`` (generation batches sized to the GPU memory), nothing else.
 
     Raises:
         ConfigError: naming the key and the fix.
@@ -250,7 +251,7 @@ def check_data_values(data: Mapping[str, Any], prefix: str = "data") -> None:
             1,
             "must be >= 1 conversation per micro-batch (raise trainer.accumulate_grad_batches for larger steps)",
         ),
-        ("eval_batch_size", 1, "must be >= 1 conversation (or prompt) per batch"),
+        ("eval_batch_size", 1, "must be >= 1 conversation (or prompt) per batch, or auto (sized to the GPU memory)"),
         ("max_length", 1, "must be a positive number of tokens, or null for no cut (typical: 1024-4096)"),
         ("train_size", 0, "must be >= 0 conversations, or null for all rows not carved off"),
         ("val_size", 0, "must be >= 0 conversations"),
@@ -259,7 +260,11 @@ def check_data_values(data: Mapping[str, Any], prefix: str = "data") -> None:
         ("num_workers", 0, "must be >= 0 processes"),
     ]:
         value = get(name)
-        if value is None or (name == "batch_size" and isinstance(value, str)):
+        if (
+            value is None
+            or (name == "batch_size" and isinstance(value, str))
+            or (name, value) == ("eval_batch_size", "auto")
+        ):
             continue
         _need(whole(value, low), f"{prefix}.{name}", value, fix)
 

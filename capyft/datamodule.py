@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning as L
@@ -20,9 +23,22 @@ from capyft.data import (
     trained_token_counts,
     truncation_message,
 )
+from capyft.generation import GenerationSettings
 from capyft.modeling import load_tokenizer
 
 log = logging.getLogger(__name__)
+
+# Prompts per generation batch with ``eval_batch_size: auto`` where there is no GPU model to size batches for: CPU
+# runs are tests and the demo, where a batch's memory does not matter. 8 was the fixed default before ``auto``.
+CPU_EVAL_BATCH_SIZE = 8
+# Most prompts per generation batch with ``eval_batch_size: auto``. A decode step is bound by host overhead up to a
+# few hundred rows (Llama-3.1-8B 4-bit on an H200: ~125 ms a step at 64 and at 200 rows), so larger batches would
+# add memory (and the risk of running out) for little time saved.
+MAX_GENERATION_ROWS = 256
+# Share of the GPU memory left after the model loads that ``auto``'s generation batches may plan to use; the rest
+# covers what the estimate leaves out: a 4-bit layer's weight dequantized for its matmul, and the caching
+# allocator's fragmentation as the KV cache grows a token at a time.
+GENERATION_HEADROOM = 0.8
 
 
 class ChatDataModule(L.LightningDataModule):
@@ -52,7 +68,10 @@ class ChatDataModule(L.LightningDataModule):
             ``trainer.accumulate_grad_batches`` at 1: it is derived).
         micro_batch_tokens: token budget of one micro-batch with ``batch_size: auto``; None: estimated from the GPU
             memory left once the model is loaded (:func:`token_budget_from_memory`), or the whole step on a CPU.
-        eval_batch_size: conversations per validation batch and prompts per generation batch in ``test``.
+        eval_batch_size: prompts per generation batch in ``test`` and ``predict``, and conversations per validation
+            batch (never more than the training micro-batch); or ``auto``: generation batches of consecutive prompts
+            sized to the GPU memory left once the model is loaded (see :func:`generation_batches`;
+            ``CPU_EVAL_BATCH_SIZE`` prompts on a CPU), and validation batches of the training micro-batch.
         padding_free: pack each micro-batch into one row with per-conversation positions (no padding computed).
         group_by_length: batch conversations of similar length together (less padding).
         pad_to_multiple_of: round padded lengths up to a multiple of this.
@@ -75,7 +94,7 @@ class ChatDataModule(L.LightningDataModule):
         batch_size: int | Literal["auto"] = 1,
         step_size: int | None = None,
         micro_batch_tokens: int | None = None,
-        eval_batch_size: int = 8,
+        eval_batch_size: int | Literal["auto"] = 8,
         padding_free: bool = False,
         group_by_length: bool = False,
         pad_to_multiple_of: int | None = None,
@@ -86,6 +105,12 @@ class ChatDataModule(L.LightningDataModule):
             raise ValueError(f"data.train_on must be 'all' or 'last', got {train_on!r}")
         if batch_size == "auto" and (step_size is None or max_length is None):
             raise ValueError("data.batch_size auto needs data.step_size (conversations per step) and data.max_length")
+        whole = isinstance(eval_batch_size, int) and not isinstance(eval_batch_size, bool)
+        if eval_batch_size != "auto" and not (whole and eval_batch_size >= 1):
+            raise ValueError(
+                f"data.eval_batch_size must be >= 1 prompt (or conversation) per batch, or auto; got "
+                f"{eval_batch_size!r}"
+            )
         self.save_hyperparameters()
         self.tokenizer: Any = None
         self.splits: dict[str, Any] = {}
@@ -207,7 +232,10 @@ class ChatDataModule(L.LightningDataModule):
         # No more conversations per validation batch than per training micro-batch: a no-grad pass over the same
         # tokens needs less memory than training, so validation cannot raise the run's peak. At eval_batch_size 16,
         # a packed validation row of Capybara is ~15k tokens, several times a training micro-batch on an 8 GB card.
-        batch_size = min(self.hparams.eval_batch_size, self._micro_batch_size())
+        # `auto` sizes generation batches only; validation keeps to the training micro-batch.
+        batch_size = self._micro_batch_size()
+        if self.hparams.eval_batch_size != "auto":
+            batch_size = min(self.hparams.eval_batch_size, batch_size)
         return DataLoader(
             TaggedDataset(self.splits["val"]),
             sampler=mine,
@@ -236,17 +264,81 @@ class ChatDataModule(L.LightningDataModule):
         dataset = PromptDataset(self.splits[name], self.tokenizer, self.hparams.system_prompt)
         # Longest prompts first, so each generation batch holds similar lengths (little left padding); each rank
         # takes every world_size-th prompt. The test hook gathers the answers and restores the row order.
-        by_length = sorted(range(len(dataset)), key=lambda i: -len(dataset[i]["input_ids"]))
+        lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+        by_length = sorted(range(len(dataset)), key=lambda i: -lengths[i])
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        return DataLoader(
-            dataset,
-            sampler=by_length[rank::replicas],
-            batch_size=self.hparams.eval_batch_size,
-            collate_fn=PromptCollator(self.pad_id),
-            num_workers=self.hparams.num_workers,
-            generator=self._generator(),
+        mine = by_length[rank::replicas]
+        loader_args = {
+            "collate_fn": PromptCollator(self.pad_id),
+            "num_workers": self.hparams.num_workers,
+            "generator": self._generator(),
+        }
+        size = self.hparams.eval_batch_size
+        if size == "auto":
+            batches = self._generation_plan([lengths[i] for i in mine], mine)
+            if batches is not None:
+                # Lightning's predict loop wraps a batch sampler other than torch's BatchSampler to record its indices
+                # and warns that it cannot tell whether it returns every index; GenerationBatches does.
+                warnings.filterwarnings("ignore", message="You are using a custom batch sampler `GenerationBatches`")
+                return DataLoader(dataset, batch_sampler=GenerationBatches(batches), **loader_args)
+            size = CPU_EVAL_BATCH_SIZE
+        return DataLoader(dataset, sampler=mine, batch_size=size, **loader_args)
+
+    def _generation_plan(self, lengths: list[int], indices: list[int]) -> list[list[int]] | None:
+        """This rank's generation batches for ``eval_batch_size: auto`` (dataset indices, in the given order), sized
+        to its GPU's memory left once the model is loaded; None without a model on a CUDA device (the caller then
+        batches ``CPU_EVAL_BATCH_SIZE`` prompts).
+
+        Lightning builds the model (``configure_model``) before it asks for the test or predict dataloader, so the
+        memory read here is what generation has.
+
+        Args:
+            lengths: the prompts' token counts, longest first.
+            indices: their dataset indices.
+        """
+        trainer = self.trainer
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        model = getattr(module, "model", None)
+        device = getattr(getattr(trainer, "strategy", None), "root_device", None)
+        if model is None or device is None or device.type != "cuda":
+            log.info(
+                "data.eval_batch_size auto: no model on a CUDA device to size generation batches for; "
+                "%d prompts per batch",
+                CPU_EVAL_BATCH_SIZE,
+            )
+            return None
+        max_new_tokens = getattr(getattr(module, "generation", None), "max_new_tokens", None)
+        if max_new_tokens is None:
+            max_new_tokens = GenerationSettings.max_new_tokens
+        memory = GenerationMemory.from_config(model.config)
+        budget = int(GENERATION_HEADROOM * usable_gpu_memory(device))
+        plan = generation_batches(lengths, max_new_tokens, memory, budget)
+        where = f" (rank {trainer.global_rank})" if trainer.world_size > 1 else ""
+        if lengths and memory.batch_bytes(1, max(lengths), max_new_tokens) > budget:
+            log.warning(
+                "data.eval_batch_size auto%s: the longest prompt (%d tokens + %d new) needs about %.2f GiB to "
+                "generate, more than the %.2f GiB budget of free GPU memory; it runs alone and may run out of "
+                "memory (lower model.generation.max_new_tokens or free GPU memory)",
+                where,
+                max(lengths),
+                max_new_tokens,
+                memory.batch_bytes(1, max(lengths), max_new_tokens) / 2**30,
+                budget / 2**30,
+            )
+        log.info(
+            "data.eval_batch_size auto%s: %d prompts in %d generation batches of at most %d (memory budget %.1f GiB, "
+            "%s tokens of KV cache at %d KiB a token; %d new tokens a prompt)",
+            where,
+            len(lengths),
+            len(plan),
+            max((len(batch) for batch in plan), default=0),
+            budget / 2**30,
+            f"{budget // memory.kv_per_token:,}",
+            memory.kv_per_token // 1024,
+            max_new_tokens,
         )
+        return [[indices[position] for position in batch] for batch in plan]
 
 
 def micro_batch_split(step_size: int, max_length: int, token_budget: int | None) -> tuple[int, int]:
@@ -264,6 +356,13 @@ def micro_batch_split(step_size: int, max_length: int, token_budget: int | None)
     return batch, step_size // batch
 
 
+def usable_gpu_memory(device: torch.device) -> int:
+    """Bytes this process can still use on ``device``: free on the GPU plus what its caching allocator holds unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free + cached
+
+
 def token_budget_from_memory(config: Any, device: torch.device, headroom: float = 0.8) -> int:
     """Tokens a training micro-batch can hold in the GPU memory still free (the model already loaded).
 
@@ -271,10 +370,144 @@ def token_budget_from_memory(config: Any, device: torch.device, headroom: float 
     recomputed activations (about 12 x ``intermediate``), 2 bytes each; for Llama-3.1-8B 0.58 MiB a token, the
     slope measured on an H200 (+1.18 GiB peak from 2048 to 4096 tokens).
     """
-    free, _ = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     per_token = 2 * (config.hidden_size * config.num_hidden_layers + 12 * config.intermediate_size)
-    return int(headroom * (free + cached) / per_token)
+    return int(headroom * usable_gpu_memory(device) / per_token)
+
+
+@dataclass(frozen=True)
+class GenerationMemory:
+    """GPU memory that generating answers for a batch of left-padded prompts needs besides the model's weights.
+
+    See :meth:`batch_bytes` for how the parts add up and :meth:`from_config` for each part's estimate.
+
+    Args:
+        kv_per_token: bytes of KV cache per token of a row.
+        activations_per_token: bytes of the prefill's transient activations per prompt token of a row.
+        logits_per_row: bytes of the last position's logits per row.
+        mask_per_pair: bytes of the prefill's attention mask per (query, key) pair of a row.
+    """
+
+    kv_per_token: int
+    activations_per_token: int
+    logits_per_row: int
+    mask_per_pair: int = 0
+
+    @classmethod
+    def from_config(cls, config: Any) -> GenerationMemory:
+        """The estimate for a model with this (transformers) config, in its compute dtype (``config.dtype``;
+        float32 when absent, the widest a model computes in). For Llama-3.1-8B in 16 bits: 128 KiB of KV cache and
+        144 KiB of prefill activations a token, 0.73 MiB of logits a row.
+
+        - KV cache: K and V of every layer, ``2 x num_hidden_layers x num_key_value_heads x head_dim`` values
+          (``head_dim`` defaults to ``hidden_size // num_attention_heads``; sliding-window layers are counted as
+          full ones, an overestimate).
+        - Prefill activations: under no_grad only one decoder layer's transients exist at a time. Their peak is in
+          the MLP: the gate projection's output, and the up projection's output while its LoRA update is added
+          (base output, scaled adapter output, their sum), ``4 x intermediate_size``; plus the residual stream, its
+          normalized copy and attention's query and output around it, ``4 x hidden_size`` (``intermediate_size``
+          defaults to ``4 x hidden_size``).
+        - Logits: generation keeps only the last position's logits during the prefill, in the compute dtype and the
+          float32 copy it picks the next token from: ``vocab_size x (dtype bytes + 4)``.
+        - Attention mask: the prefill's boolean ``(rows, 1, prompt, prompt)`` mask plus, within each layer, the
+          additive bias SDPA's memory-efficient kernel makes of it in the compute dtype, padded for alignment:
+          ``1 + 2 x dtype bytes`` per (query, key) pair, quadratic in the prompt (20 MiB a row at 2k tokens in 16 bits).
+
+        Raises:
+            ValueError: the config lacks a size the estimate needs; the message says to give a number instead.
+        """
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        dtype = getattr(config, "dtype", None) or getattr(text, "dtype", None)
+        dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        width = dtype.itemsize if isinstance(dtype, torch.dtype) else 4
+        sizes = {}
+        for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"):
+            sizes[key] = getattr(text, key, None)
+            if not isinstance(sizes[key], int):
+                raise ValueError(
+                    f"data.eval_batch_size auto cannot size generation batches for model type "
+                    f"{getattr(text, 'model_type', '?')!r}: its config has no {key}; set data.eval_batch_size to a "
+                    "number of prompts per batch"
+                )
+        hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or hidden // heads
+        intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
+        return cls(
+            kv_per_token=2 * sizes["num_hidden_layers"] * kv_heads * head_dim * width,
+            activations_per_token=(4 * intermediate + 4 * hidden) * width,
+            logits_per_row=sizes["vocab_size"] * (width + 4),
+            mask_per_pair=1 + 2 * width,
+        )
+
+    def batch_bytes(self, rows: int, longest: int, max_new_tokens: int) -> int:
+        """Bytes to answer ``rows`` prompts padded to ``longest`` tokens with up to ``max_new_tokens`` new ones: the
+        KV cache of the padded prompt and the answer, the prefill's activations and attention mask, and the logits.
+        The prefill's transients and the full cache are counted together, an upper bound on the peak.
+        """
+        per_row = (
+            (longest + max_new_tokens) * self.kv_per_token
+            + longest * self.activations_per_token
+            + longest * longest * self.mask_per_pair
+            + self.logits_per_row
+        )
+        return rows * per_row
+
+
+def generation_batches(
+    lengths: Sequence[int],
+    max_new_tokens: int,
+    memory: GenerationMemory,
+    budget_bytes: int,
+    max_rows: int = MAX_GENERATION_ROWS,
+) -> list[list[int]]:
+    """Splits prompts, in their given order, into batches of consecutive prompts whose generation fits a budget.
+
+    Greedy: a batch takes the next prompt while it holds fewer than ``max_rows`` and
+    :meth:`GenerationMemory.batch_bytes` of the grown batch (padded to its longest prompt) stays within
+    ``budget_bytes``. A prompt that needs more than the budget alone still gets a batch of its own. With the prompts
+    longest first, as the prompt loader orders them, the batches grow as the prompts shorten.
+
+    Args:
+        lengths: each prompt's token count, in the order to generate them.
+        max_new_tokens: most tokens generated per answer.
+        memory: the model's per-token and per-row costs.
+        budget_bytes: GPU memory one batch may use.
+        max_rows: most prompts per batch.
+
+    Returns:
+        Each batch's positions in ``lengths``: every position once, in order.
+    """
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    longest = 0
+    for position, length in enumerate(lengths):
+        grown = max(longest, length)
+        if batch and (
+            len(batch) >= max_rows or memory.batch_bytes(len(batch) + 1, grown, max_new_tokens) > budget_bytes
+        ):
+            batches.append(batch)
+            batch, grown = [], length
+        batch.append(position)
+        longest = grown
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+class GenerationBatches(torch.utils.data.Sampler[list[int]]):
+    """A DataLoader ``batch_sampler`` that yields fixed batches of dataset indices, of any sizes, in order."""
+
+    def __init__(self, batches: list[list[int]]) -> None:
+        super().__init__()
+        self.batches = [list(batch) for batch in batches]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (list(batch) for batch in self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 class PromptDataset(torch.utils.data.Dataset):

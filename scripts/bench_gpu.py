@@ -30,8 +30,8 @@ CAPYFT = {
     "capyft": [],
     "capyft-peft-lora": ["--model.fused_lora=false"],  # peft's own LoRA forward instead of capyft.fused_lora
     "capyft-no-liger": ["--model.liger_kernels=false"],
-    # the shipped config with torch.profiler around steps 5-6 (bench/profile.py): kernel time, launches, ops
-    "capyft-profile": ["--trainer.callbacks+=bench.profile.StepProfiler"],
+    # the shipped config with torch.profiler around steps 5-6 (bench/step_profiler.py): kernel time, launches, ops
+    "capyft-profile": ["--trainer.callbacks+=bench.step_profiler.StepProfiler"],
     "capyft-compile": ["--model.compile_layers=true"],
     "capyft-bf16-compile": [
         "--model.compile_layers=true",

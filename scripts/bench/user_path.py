@@ -42,7 +42,7 @@ def fit(
         *extra,
     ]
     result: dict[str, Any] = {"stack": name, "command": " ".join(command[1:])}
-    profile = {"BENCH_PROFILE_DIR": str(out / f"{name}-profile")}  # read by bench.profile.StepProfiler, if on
+    profile = {"BENCH_PROFILE_DIR": str(out / f"{name}-profile")}  # read by bench.step_profiler.StepProfiler, if on
     result |= run_logged(command, out / f"{name}.log", timeout, env=profile)
     runs = sorted(save_dir.glob("*/version_*"))
     if runs:

@@ -1,6 +1,6 @@
 """A Lightning callback that profiles a few whole optimizer steps of a real ``python -m capyft fit`` run.
 
-    python -m capyft fit --config ... --trainer.callbacks+=bench.profile.StepProfiler   (scripts/ on PYTHONPATH)
+    python -m capyft fit --config ... --trainer.callbacks+=bench.step_profiler.StepProfiler   (scripts/ on PYTHONPATH)
 
 It observes only (torch.profiler around steps ``BENCH_PROFILE_START`` .. ``+BENCH_PROFILE_STEPS``, default 5 and 2)
 and writes into ``$BENCH_PROFILE_DIR`` (default ``profile``): ``summary.json`` (wall time, summed kernel time,
