@@ -28,7 +28,7 @@ from bench import common, report, user_path  # noqa: E402
 # capyft stacks: overrides on top of the reference config (none: the config as shipped)
 CAPYFT = {
     "capyft": [],
-    "capyft-peft-lora": ["--model.fused_lora=false"],  # peft's own LoRA forward instead of capyft.fused_lora
+    "capyft-fused-lora": ["--model.fused_lora=true"],  # capyft.fused_lora instead of peft's own LoRA forward
     "capyft-no-liger": ["--model.liger_kernels=false"],
     # the shipped config with torch.profiler around steps 5-6 (bench/step_profiler.py): kernel time, launches, ops
     "capyft-profile": ["--trainer.callbacks+=bench.step_profiler.StepProfiler"],
