@@ -399,6 +399,7 @@ class QLoRAModule(L.LightningModule):
         reporting.write_predictions(out, records)  # before scoring: no generated answer is lost
         records, metrics, comparisons = evaluation.evaluate(records, self._scorer, self.bertscore)
         metrics["test/gen_tokens_per_sec"] = rate
+        metrics["test/gen_seconds"] = self._gen_seconds  # rank 0's time answering, both models with compare_base
         info = {
             "bertscore_hash": evaluation.score_hash(self._scorer, self.bertscore),
             "ckpt_path": self.trainer.ckpt_path,

@@ -75,6 +75,7 @@ def test(name: str, run_dir: Path, out: Path, extra: list[str], timeout: float) 
         rate = values.get("test/gen_tokens_per_sec")
         if rate:
             result["gen_tokens_per_sec"] = rate[-1][2]
+            result["gen_seconds"] = values.get("test/gen_seconds", [[0, 0, None]])[-1][2]
             result["bertscore_f1"] = values.get("test/bertscore_f1", [[0, 0, None]])[-1][2]
             result["base_bertscore_f1"] = values.get("test/base_bertscore_f1", [[0, 0, None]])[-1][2]
             break
