@@ -80,16 +80,19 @@ def main() -> None:
     print(json.dumps(state["environment"]), flush=True)
     checkpoint, data = prepare(work, args, state)
     extra = TINY_CPU if args.tiny else []
-    for name in names:
-        print(f"=== {name}", flush=True)
+    seen: dict[str, int] = {}
+    for name in names:  # a stack named again (an A/B repeat) runs again as <name>-2, <name>-3, ...
+        seen[name] = seen.get(name, 0) + 1
+        label = name if seen[name] == 1 else f"{name}-{seen[name]}"
+        print(f"=== {label}", flush=True)
         if name in CAPYFT:
             result = user_path.fit(
-                name, checkpoint, data, out, args.train_size, extra + CAPYFT[name], args.stack_timeout
+                label, checkpoint, data, out, args.train_size, extra + CAPYFT[name], args.stack_timeout
             )
         else:
             setting, batch = TRL[name]
-            result = run_trl(name, setting, batch, checkpoint, data, out, args)
-        state["stacks"][name] = result
+            result = run_trl(label, setting, batch, checkpoint, data, out, args)
+        state["stacks"][label] = result
         print(json.dumps({k: v for k, v in result.items() if k != "command"}), flush=True)
         report.write(state, out)
     first = next((r for n, r in state["stacks"].items() if n in CAPYFT and r.get("run_dir")), None)
