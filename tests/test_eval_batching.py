@@ -295,9 +295,9 @@ def printed_config(capsys, *args):
 
 
 def test_the_cli_reads_auto_and_numbers(capsys, tmp_path):
-    assert "  eval_batch_size: 16\n" in printed_config(capsys, "--config", "configs/llama31-8b-capybara.yaml")
-    out = printed_config(capsys, "--config", "configs/llama31-8b-capybara.yaml", "--data.eval_batch_size=auto")
-    assert "  eval_batch_size: auto\n" in out
+    assert "  eval_batch_size: auto\n" in printed_config(capsys, "--config", "configs/llama31-8b-capybara.yaml")
+    out = printed_config(capsys, "--config", "configs/llama31-8b-capybara.yaml", "--data.eval_batch_size=16")
+    assert "  eval_batch_size: 16\n" in out
     override = tmp_path / "auto.yaml"
     override.write_text("data:\n  eval_batch_size: auto\n", encoding="utf-8")
     out = printed_config(capsys, "--config", "configs/demo.yaml", "--config", str(override))
