@@ -1,6 +1,6 @@
 """From tokenized conversations to micro-batches: padded or padding-free (packed) collation, the token-aware batch
-sampler that tags each micro-batch with the trained tokens of its whole optimizer step, and the dataset that serves
-the tags. Plain PyTorch; no Lightning.
+sampler that tags each micro-batch with the trained tokens of its whole optimizer step, the dataset that serves
+the tags, and the batch sampler of planned generation batches. Plain PyTorch; no Lightning.
 """
 
 from __future__ import annotations
@@ -178,3 +178,17 @@ class TaggedDataset(torch.utils.data.Dataset):
         if step_tokens is not None:
             example["step_tokens"] = step_tokens
         return example
+
+
+class GenerationBatches(torch.utils.data.Sampler[list[int]]):
+    """A DataLoader ``batch_sampler`` that yields fixed batches of dataset indices, of any sizes, in order."""
+
+    def __init__(self, batches: list[list[int]]) -> None:
+        super().__init__()
+        self.batches = [list(batch) for batch in batches]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (list(batch) for batch in self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)

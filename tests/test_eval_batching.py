@@ -16,16 +16,9 @@ from capyft import assets, checks, datamodule, preview
 from capyft.checks import ConfigError
 from capyft.cli import main
 from capyft.data import SAMPLE_DATA
-from capyft.datamodule import (
-    CPU_EVAL_BATCH_SIZE,
-    GENERATION_HEADROOM,
-    MAX_GENERATION_ROWS,
-    ChatDataModule,
-    GenerationMemory,
-    PromptDataset,
-    generation_batches,
-)
+from capyft.datamodule import CPU_EVAL_BATCH_SIZE, ChatDataModule, PromptDataset
 from capyft.generation import GenerationSettings
+from capyft.sizing import GENERATION_HEADROOM, MAX_GENERATION_ROWS, GenerationMemory, generation_batches
 
 GiB = 2**30
 # Llama-3.1-8B's shape in 16 bits: 128 KiB of KV cache a token

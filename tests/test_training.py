@@ -187,7 +187,7 @@ def test_auto_batch_size_keeps_the_step_and_its_gradient(tmp_path, tiny_model, u
 
 
 def test_micro_batch_split_fits_the_budget_and_keeps_the_step():
-    from capyft.datamodule import micro_batch_split
+    from capyft.sizing import micro_batch_split
 
     assert micro_batch_split(4, 2048, None) == (4, 1)  # no budget (CPU): the whole step at once
     assert micro_batch_split(4, 2048, 10**6) == (4, 1)  # a large GPU
