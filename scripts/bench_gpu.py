@@ -2,6 +2,7 @@
 
     python scripts/bench_gpu.py --out DIR                          # the default stacks, ~8 min on one H200
     python scripts/bench_gpu.py --out DIR --only capyft,trl-defaults --test
+    python scripts/bench_gpu.py --out DIR --only capyft,trl-defaults --repeat 3   # medians over 3 interleaved runs
     python scripts/bench_gpu.py --out DIR --tiny                   # every code path on a tiny model, CPU (~3 min)
 
 Writes a random-weight Llama-3.1-8B checkpoint (real config, bf16, the offline Llama-3 tokenizer with capyft's
@@ -68,11 +69,12 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/capyft-bench", help="checkpoint and data (reused when present)")
     parser.add_argument("--train-size", type=int, default=120)
     parser.add_argument("--stack-timeout", type=float, default=420)
+    parser.add_argument("--repeat", type=int, default=1, help="run the --only list this many times, interleaved")
     args = parser.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    names = [n for n in args.only.split(",") if n]
+    names = [n for n in args.only.split(",") if n] * max(args.repeat, 1)
     unknown = [n for n in names if n not in CAPYFT and n not in TRL]
     if unknown:
         raise SystemExit(f"unknown stacks {unknown}; choose from {', '.join([*CAPYFT, *TRL])}")
@@ -81,9 +83,9 @@ def main() -> None:
     checkpoint, data = prepare(work, args, state)
     extra = TINY_CPU if args.tiny else []
     seen: dict[str, int] = {}
-    for name in names:  # a stack named again (an A/B repeat) runs again as <name>-2, <name>-3, ...
+    for name in names:  # a stack named again (a repeat) runs again as <name>#2, <name>#3, ...
         seen[name] = seen.get(name, 0) + 1
-        label = name if seen[name] == 1 else f"{name}-{seen[name]}"
+        label = name if seen[name] == 1 else f"{name}#{seen[name]}"
         print(f"=== {label}", flush=True)
         if name in CAPYFT:
             result = user_path.fit(

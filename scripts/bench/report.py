@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ def fmt(value: Any, digits: int = 0) -> str:
 
 def ratios(stacks: dict[str, dict[str, Any]], name: str) -> dict[str, float | None]:
     """``name``'s speed over TRL defaults and over TRL's best setting, by mean and by median step."""
-    trl = {k: v for k, v in stacks.items() if k.startswith("trl-") and v.get("real_tokens_per_s")}
+    trl = {k: v for k, v in stacks.items() if k.startswith("trl-") and "#" not in k and v.get("real_tokens_per_s")}
     ours = stacks.get(name, {})
     out: dict[str, float | None] = {}
     for key in ("real_tokens_per_s", "real_tokens_per_s_median_step"):
@@ -26,6 +27,26 @@ def ratios(stacks: dict[str, dict[str, Any]], name: str) -> dict[str, float | No
         best = max((v[key] for v in trl.values()), default=None)
         out[f"vs_trl_defaults_{key}"] = mine / defaults if mine and defaults else None
         out[f"vs_trl_best_{key}"] = mine / best if mine and best else None
+    return out
+
+
+SPEEDS = ("real_tokens_per_s", "real_tokens_per_s_median_step")
+
+
+def repeated(stacks: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Stacks that ran more than once (``name``, ``name#2``, ...): per stack the runs' count, their speeds and the
+    median of each speed over the runs."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for label, result in stacks.items():
+        if result.get("real_tokens_per_s"):
+            groups.setdefault(label.split("#")[0], []).append(result)
+    out: dict[str, dict[str, Any]] = {}
+    for name, runs in groups.items():
+        if len(runs) > 1:
+            out[name] = {"runs": len(runs)}
+            for key in SPEEDS:
+                values = [r[key] for r in runs]
+                out[name] |= {key: float(statistics.median(values)), f"{key}_all": [round(v) for v in values]}
     return out
 
 
@@ -68,13 +89,31 @@ def markdown(report: dict[str, Any]) -> str:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for name in stacks:
-        if name.startswith("capyft"):
+        if name.startswith("capyft") and "#" not in name:
             r = ratios(stacks, name)
             lines.append(
                 f"| {name} | {fmt(r['vs_trl_defaults_real_tokens_per_s'], 2)} | "
                 f"{fmt(r['vs_trl_defaults_real_tokens_per_s_median_step'], 2)} | "
                 f"{fmt(r['vs_trl_best_real_tokens_per_s'], 2)} | "
                 f"{fmt(r['vs_trl_best_real_tokens_per_s_median_step'], 2)} |"
+            )
+    medians = repeated(stacks)
+    if medians:
+        lines += [
+            "",
+            "Stacks run more than once: median over the runs (each run's figure in brackets), and ratios of medians",
+            "",
+            "| stack | runs | real tok/s mean | real tok/s median step | x TRL defaults (mean, median) | "
+            "x TRL best (mean, median) |",
+            "| --- | ---: | --- | --- | --- | --- |",
+        ]
+        for name, r in medians.items():
+            q = ratios(medians, name) if name.startswith("capyft") else {}
+            lines.append(
+                f"| {name} | {r['runs']} | {fmt(r[SPEEDS[0]])} {r[SPEEDS[0] + '_all']} | "
+                f"{fmt(r[SPEEDS[1]])} {r[SPEEDS[1] + '_all']} | "
+                f"{fmt(q.get('vs_trl_defaults_' + SPEEDS[0]), 2)}, {fmt(q.get('vs_trl_defaults_' + SPEEDS[1]), 2)} | "
+                f"{fmt(q.get('vs_trl_best_' + SPEEDS[0]), 2)}, {fmt(q.get('vs_trl_best_' + SPEEDS[1]), 2)} |"
             )
     return "\n".join(lines) + "\n"
 
