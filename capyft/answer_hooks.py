@@ -24,14 +24,14 @@ class AnswerHooks:
     """Lightning's test and predict hooks: generation (tuned, and base with ``compare_base``) and BERTScore.
 
     Expects the LightningModule's ``model``, ``tokenizer``, ``generation`` (:class:`GenerationSettings`),
-    ``bertscore`` (:class:`BERTScoreSettings`) and ``compare_base``.
+    ``bertscore`` (:class:`BERTScoreSettings`) and ``compare_base``. The 4-bit layers stay unpacked here:
+    bitsandbytes 0.50.2 could pack them for faster CPU generation, but packing rounds their block scales to
+    bfloat16, so test and predict would score other weights than the ones trained.
     """
 
     _scorer: Any = None  # bert_score.BERTScorer, loaded on the first test and kept
     _gen_tokens, _gen_seconds = 0, 0.0  # generated tokens and time spent generating, this rank
 
-    # bitsandbytes 0.50.2 could pack the 4-bit layers for faster CPU generation, but packing rounds their block
-    # scales to bfloat16: test and predict would score other weights than the ones trained. They stay unpacked.
     def setup(self, stage: str) -> None:
         # The scorer goes on the GPU before the model loads and before the test dataloader is built, so that
         # `data.eval_batch_size: auto` plans its generation batches around the memory the scorer holds.
