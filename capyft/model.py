@@ -65,7 +65,7 @@ class QLoRAModule(AnswerHooks, L.LightningModule):
             Turns ``liger_kernels`` off (inductor fuses the same elementwise work).
         fused_lora: run each 4-bit + LoRA linear as one autograd function (:mod:`capyft.fused_lora`): the same
             results as peft's forward with ten fewer autograd nodes per layer. Off by default: on an H200 it was no
-            faster on the reference config (two runs, -4% and +3%) and held 0.26 GiB more; +10% on a CPU.
+            faster on the reference config (two runs: -4% and +2% by mean) and held 0.26 GiB more; +10% on a CPU.
         optimizer: ``adamw`` (torch) or ``paged_adamw_8bit`` (bitsandbytes; GPU).
         learning_rate: peak learning rate (QLoRA: 2e-4).
         weight_decay: AdamW weight decay on the adapter weights.
