@@ -174,7 +174,9 @@ class QLoRAModule(AnswerHooks, L.LightningModule):
         self.model = wrap_with_lora(base, lora, hp.gradient_checkpointing)
         if hp.get("fused_lora") and hp.load_in_4bit:
             fuse_lora_linears(self.model)
-        if hp.get("compile_layers"):  # after LoRA, so the adapters are inside the compiled graph
+        # after LoRA, so the adapters are inside the compiled graph; training only: generation's changing shapes and
+        # caches would recompile at every step (validation runs eagerly too, see on_validation_start)
+        if hp.get("compile_layers") and self._trainer is not None and self.trainer.state.fn == "fit":
             compile_decoder_layers(self.model)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
@@ -283,6 +285,9 @@ class QLoRAModule(AnswerHooks, L.LightningModule):
 
     def on_validation_start(self) -> None:
         self._val_start = time.perf_counter()
+        if self.hparams.get("compile_layers"):
+            # no-grad passes and generation would each compile graphs of their own (~10-15 s each for 8B)
+            torch.compiler.set_stance("force_eager")
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums: torch.Tensor | None = None
@@ -307,6 +312,8 @@ class QLoRAModule(AnswerHooks, L.LightningModule):
             self.log("val/peak_reserved_gib", torch.cuda.max_memory_reserved() / 2**30, batch_size=1)
 
     def on_validation_end(self) -> None:
+        if self.hparams.get("compile_layers"):
+            torch.compiler.set_stance("default")
         # A validation inside an accumulation window is not training time: keep it out of train/tokens_per_sec.
         if self._step_start is not None and self._trainer is not None and self.trainer.state.fn == "fit":
             self._step_start += time.perf_counter() - self._val_start

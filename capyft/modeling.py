@@ -16,7 +16,8 @@ from torch.utils.checkpoint import checkpoint
 
 from capyft.chat import IGNORE_INDEX
 from capyft.checks import ConfigError
-from capyft.levers import PACKED_SDPA, PackedRow, check_packed_sdpa, is_packed_batch, prepare_base_model
+from capyft.attention import PACKED_ATTENTION, PackedRow, check_packed_sdpa, is_packed_batch
+from capyft.levers import prepare_base_model
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,8 @@ def load_base_model(
     speed and memory levers, and :func:`check_logit_transform` makes sure capyft's loss is the model's own.
 
     Args:
-        attn_implementation: a transformers attention implementation, or ``sdpa_packed`` (see :data:`PACKED_SDPA`).
+        attn_implementation: a transformers attention implementation, or ``sdpa_packed`` / ``sdpa_packed_loop`` (see
+            :mod:`capyft.attention`).
         liger_kernels: Liger's fused RMSNorm, SwiGLU and RoPE kernels (CUDA; needs ``liger-kernel``).
         offload_embeddings: keep the frozen input embeddings in CPU memory (1 GiB for Llama-3 in 16 bits).
 
@@ -131,14 +133,14 @@ def load_base_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if attn_implementation == PACKED_SDPA:  # refuse before the weights load
+    if attn_implementation in PACKED_ATTENTION:  # refuse before the weights load
         check_packed_sdpa(AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code))
     device = torch.device(device)
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path,
         quantization_config=quantization,
         dtype=to_dtype(dtype),
-        attn_implementation="sdpa" if attn_implementation == PACKED_SDPA else attn_implementation,
+        attn_implementation="sdpa" if attn_implementation in PACKED_ATTENTION else attn_implementation,
         device_map={"": device},
         trust_remote_code=trust_remote_code,
     )

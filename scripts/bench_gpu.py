@@ -34,6 +34,9 @@ CAPYFT = {
     # the shipped config with torch.profiler around steps 5-6 (bench/step_profiler.py): kernel time, launches, ops
     "capyft-profile": ["--trainer.callbacks+=bench.step_profiler.StepProfiler"],
     "capyft-compile": ["--model.compile_layers=true"],
+    "capyft-compile-profile": ["--model.compile_layers=true", "--trainer.callbacks+=bench.step_profiler.StepProfiler"],
+    # packed attention one SDPA call per conversation instead of one varlen flash call per layer
+    "capyft-loop": ["--model.attn_implementation=sdpa_packed_loop"],
     "capyft-bf16-compile": [
         "--model.compile_layers=true",
         "--trainer.precision=bf16-mixed",

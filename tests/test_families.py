@@ -15,7 +15,8 @@ import torch
 from capyft.batching import ChatCollator
 from capyft.chat import IGNORE_INDEX
 from capyft.checks import ConfigError
-from capyft.levers import PACKED_SDPA, PackedRow, check_packed_sdpa, packed_sdpa_attention, prepare_base_model
+from capyft.attention import PACKED_SDPA, PackedRow, check_packed_sdpa, packed_sdpa_attention
+from capyft.levers import prepare_base_model
 from capyft.modeling import causal_lm_loss_sum, check_logit_transform, load_base_model
 
 VOCAB = 256

@@ -16,7 +16,8 @@ import torch
 
 from capyft.batching import ChatCollator
 from capyft.chat import IGNORE_INDEX
-from capyft.levers import PACKED_SDPA, OffloadedEmbedding, PackedRow, offload_input_embeddings, prepare_base_model
+from capyft.attention import PACKED_SDPA, PackedRow
+from capyft.levers import OffloadedEmbedding, offload_input_embeddings, prepare_base_model
 from capyft.modeling import build_lora_config, causal_lm_loss_sum, wrap_with_lora
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

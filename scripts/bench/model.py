@@ -26,7 +26,7 @@ def build_random_4bit_model(config: Any, quantization: Any, device: Any, dtype: 
 
     config = copy.deepcopy(config)
     device = torch.device(device)
-    hf_attn = "sdpa" if attn == "sdpa_packed" else attn
+    hf_attn = "sdpa" if attn.startswith("sdpa_packed") else attn
     with torch.device("meta"):
         try:
             model = AutoModelForCausalLM.from_config(config, attn_implementation=hf_attn, dtype=dtype)

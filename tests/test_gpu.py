@@ -1,0 +1,139 @@
+"""CUDA-only checks of the levers that run only on a GPU: the one-call varlen flash attention for packed rows and
+regional compile over it (with bitsandbytes 4-bit layers). Skipped without a CUDA GPU (CI has none); run them on
+one with ``python -m pytest tests/test_gpu.py``.
+
+Each lever is compared with the path it replaces, which the CPU suite tests against each conversation alone: the
+varlen kernel with the per-conversation loop (``sdpa_packed_loop``), compiled layers with eager ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capyft.attention import PACKED_SDPA, PACKED_SDPA_LOOP, varlen_usable
+from capyft.batching import ChatCollator
+from capyft.levers import compile_decoder_layers, prepare_base_model
+from capyft.modeling import build_lora_config, causal_lm_loss_sum, wrap_with_lora
+from test_packing import VOCAB, conversations, load_bench
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+LENGTHS = [37, 300, 5, 129]
+
+
+def reference_attention(q, k, v, lengths):
+    """Causal attention per sequence in float32, grouped heads expanded: ``(tokens, heads, dim)`` in and out."""
+    outputs, start = [], 0
+    groups = q.shape[1] // k.shape[1]
+    for n in lengths:
+        qs, ks, vs = (t[start : start + n].float().transpose(0, 1) for t in (q, k, v))
+        ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
+        outputs.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1))
+        start += n
+    return torch.cat(outputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("longest", ["exact", "row"])
+def test_varlen_attention_equals_causal_attention_per_sequence(dtype, longest):
+    """One flash call over a packed batch equals each sequence's own causal attention, grouped-query heads and
+    gradients included, whether ``max_length`` is the longest sequence or the whole row (what compiled layers pass)."""
+    torch.manual_seed(0)
+    total = sum(LENGTHS)
+    q = torch.randn(total, 8, 64, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(total, 2, 64, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(total, 2, 64, device="cuda", dtype=dtype, requires_grad=True)
+    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    assert varlen_usable(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+    max_length = max(LENGTHS) if longest == "exact" else total
+    out, _ = torch.ops.capyft.varlen_causal_attention(q, k, v, cu, max_length, 64**-0.5)
+    grad = torch.randn_like(out)
+    (out.float() * grad.float()).sum().backward()
+    got = [out.detach().float(), q.grad.float(), k.grad.float(), v.grad.float()]
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = reference_attention(*leaves, LENGTHS)
+    (ref * grad.float()).sum().backward()
+    want = [ref.detach(), *(t.grad for t in leaves)]
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    for name, a, b in zip(["out", "dq", "dk", "dv"], got, want):
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance, msg=name)
+
+
+def tiny_lora_model(attn: str, dtype: torch.dtype = torch.float16, four_bit: bool = False):
+    """A tiny random Llama on the GPU (head size 64, grouped heads) with LoRA, loaded the way capyft loads one."""
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    if four_bit:
+        bench = load_bench()
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        model = bench.build_random_4bit_model(config, quantization, "cuda", dtype, attn)
+    else:
+        config._attn_implementation = "sdpa"
+        model = LlamaForCausalLM(config).to("cuda", dtype)
+    prepare_base_model(model, attn)
+    return wrap_with_lora(model, build_lora_config(r=8, alpha=16, dropout=0.0), True).train()
+
+
+def packed_batch(count: int, seed: int, cut: int = 0) -> dict[str, torch.Tensor]:
+    rows = [{k: r[k][: len(r[k]) - cut] for k in ("input_ids", "labels")} for r in conversations(seed)[:count]]
+    batch = ChatCollator(pad_id=0, padding_free=True)(rows)
+    return {k: v.cuda() for k, v in batch.items()}
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad()
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss, _ = causal_lm_loss_sum(model, batch, 0)
+    loss.backward()
+    return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_training(a, b, rtol=2e-3):
+    torch.testing.assert_close(a[0], b[0], rtol=rtol, atol=1e-3)
+    assert a[1].keys() == b[1].keys() and a[1]
+    for name in a[1]:
+        scale = float(b[1][name].abs().max()) + 1e-6
+        assert float((a[1][name] - b[1][name]).abs().max()) <= 3e-2 * scale, name
+
+
+def test_packed_training_step_equals_with_varlen_and_per_conversation_attention():
+    """The default ``sdpa_packed`` (one varlen call per layer on the GPU) trains like ``sdpa_packed_loop``: the same
+    loss and LoRA gradients on a packed row of four conversations, in fp16 autocast."""
+    varlen, loop = tiny_lora_model(PACKED_SDPA), tiny_lora_model(PACKED_SDPA_LOOP)
+    loop.load_state_dict(varlen.state_dict())
+    batch = packed_batch(4, seed=1)
+    assert_same_training(loss_and_grads(varlen, batch), loss_and_grads(loop, batch))
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["16-bit", "4-bit"])
+def test_compiled_layers_train_like_eager_without_recompiling(four_bit):
+    """Regional compile (inductor) over varlen attention and, with ``four_bit``, bitsandbytes 4-bit linears: the
+    loss and gradients of eager layers, and one graph for rows of new lengths and new numbers of conversations."""
+    import torch._dynamo
+
+    eager, compiled = tiny_lora_model(PACKED_SDPA, four_bit=four_bit), tiny_lora_model(PACKED_SDPA, four_bit=four_bit)
+    compiled.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert compile_decoder_layers(compiled) == 2
+    for count, seed in [(3, 0), (4, 1), (2, 2), (4, 3)]:
+        batch = packed_batch(count, seed, cut=seed * 3)
+        assert_same_training(loss_and_grads(compiled, batch), loss_and_grads(eager, batch))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not torch._dynamo.utils.counters["graph_break"]
