@@ -128,6 +128,23 @@ def disable_cpu_weight_packing(model: torch.nn.Module, disable: bool = True) -> 
     return count
 
 
+COMPILE_MIN_GPU_GIB = 16  # compile_layers auto: GPUs this large spare the ~0.7 GiB compiled layers take
+
+
+def compile_wanted(setting: bool | str, device: torch.device | str) -> bool:
+    """``compile_layers`` resolved for ``device``: ``auto`` compiles on CUDA GPUs of at least
+    :data:`COMPILE_MIN_GPU_GIB` GiB where triton (inductor's GPU code generator) is installed."""
+    if setting != "auto":
+        return bool(setting)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    from torch.utils._triton import has_triton
+
+    total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return total_gib >= COMPILE_MIN_GPU_GIB and has_triton()
+
+
 def compile_decoder_layers(model: Any, backend: str = "inductor") -> int:
     """Regional ``torch.compile``: compiles each decoder layer's forward (one graph, reused by every layer).
 
