@@ -187,9 +187,13 @@ def varlen_usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
     return size % 8 == 0 and size <= 256 and heads % kv_heads == 0 and _flash_capable(query.device.index or 0)
 
 
-@functools.lru_cache(maxsize=16)
+_FLASH_CAPABLE: dict[int, bool] = {}  # device index -> compute capability >= 8.0 (a plain dict: dynamo traces it)
+
+
 def _flash_capable(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+    if device_index not in _FLASH_CAPABLE:
+        _FLASH_CAPABLE[device_index] = torch.cuda.get_device_capability(device_index) >= (8, 0)
+    return _FLASH_CAPABLE[device_index]
 
 
 @torch.library.custom_op("capyft::varlen_causal_attention", mutates_args=())
