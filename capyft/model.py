@@ -154,10 +154,11 @@ class QLoRAModule(AnswerHooks, L.LightningModule):
             dtype = "bfloat16"
         from lightning.pytorch.strategies import FSDPStrategy
 
-        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
         # training only: generation's changing shapes and caches would recompile at every step (validation runs
         # eagerly too, see on_validation_start)
-        self._compiled = fitting and compile_wanted(hp.get("compile_layers", False), device)
+        wanted = hp.get("compile_layers", False)
+        fitting = wanted and self._trainer is not None and self.trainer.state.fn == "fit"
+        self._compiled = bool(fitting) and compile_wanted(wanted, device)
         if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
             check_fsdp(self.trainer.strategy.kwargs, hp.load_in_4bit, hp.quant_storage, dtype, self.trainer.precision)
         quantization = build_quantization_config(

@@ -222,6 +222,72 @@ def test_training_after_validation_moves_weights(tmp_path, tiny_model, uneven_co
     assert with_val == pytest.approx(without_val, rel=1e-4)
 
 
+@pytest.mark.slow
+def test_compiled_fit_trains_compiled_and_validates_eagerly(tmp_path, tiny_model, uneven_colors, monkeypatch):
+    """``compile_layers``: training steps run the compiled layers, before and after a validation; the validation
+    (its loss and its answers) runs eagerly, so it compiles no graph of its own and leaves compiled training on."""
+    import torch._dynamo
+
+    from capyft import levers
+    from capyft import model as model_module
+
+    calls: list[int] = []
+
+    def counting_backend(graph, example_inputs):  # runs the captured graph as is, counting its calls
+        def run(*args):
+            calls.append(1)
+            return graph.forward(*args)
+
+        return run
+
+    monkeypatch.setattr(
+        model_module, "compile_decoder_layers", lambda m: levers.compile_decoder_layers(m, backend=counting_backend)
+    )
+    seen: dict[str, list[int]] = {"start": [], "end": []}
+    start, end = QLoRAModule.on_validation_start, QLoRAModule.on_validation_end
+
+    def on_start(self):
+        seen["start"].append(len(calls))
+        start(self)
+
+    def on_end(self):
+        end(self)
+        seen["end"].append(len(calls))
+
+    monkeypatch.setattr(QLoRAModule, "on_validation_start", on_start)
+    monkeypatch.setattr(QLoRAModule, "on_validation_end", on_end)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    args = ["--trainer.max_steps=4", "--trainer.val_check_interval=2", "--trainer.num_sanity_val_steps=1"]
+    args += ["--model.load_in_4bit=false", "--model.compile_layers=true", "--model.val_answers=1"]
+    args += ["--model.val_answer_tokens=3"]
+    cli = main(fit_args(tmp_path, tiny_model, uneven_colors, *args))
+    assert cli.model._compiled
+    assert len(seen["start"]) == 3  # the sanity check, after step 2, after step 4
+    assert seen["start"] == seen["end"]  # no compiled call inside a validation
+    assert 0 == seen["start"][0] < seen["start"][1] < seen["start"][2] <= len(calls)  # steps 3-4 ran compiled
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no graph for no-grad passes or decoding
+    assert set(scalars(Path(cli.trainer.log_dir), "val/loss"))
+
+
+def test_compile_layers_auto_compiles_on_large_cuda_gpus_only(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch.utils._triton
+
+    from capyft.levers import compile_wanted
+
+    assert compile_wanted(True, "cpu") and not compile_wanted(False, "cuda")
+    assert not compile_wanted("auto", "cpu")
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    for gib, wanted in [(8, False), (12, False), (16, True), (141, True)]:
+        props = SimpleNamespace(total_memory=gib * 2**30)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, props=props: props)
+        assert compile_wanted("auto", "cuda:0") is wanted, gib
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    assert not compile_wanted("auto", "cuda:0")
+
+
 def test_every_config_parses():
     configs = sorted((REPO / "configs").glob("*.yaml"))
     assert configs
