@@ -46,7 +46,9 @@ def use_packed_attention(model: Any, name: str = PACKED_SDPA) -> None:
     if name not in PACKED_ATTENTION:
         raise ValueError(f"packed attention is one of {', '.join(PACKED_ATTENTION)}, got {name!r}")
     if model.config._attn_implementation not in ("sdpa", *PACKED_ATTENTION):
-        raise ValueError(f"attn_implementation {name} builds on sdpa, but the model runs {model.config._attn_implementation}")
+        raise ValueError(
+            f"attn_implementation {name} builds on sdpa, but the model runs {model.config._attn_implementation}"
+        )
     check_packed_sdpa(model.config)
     AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
     AttentionInterface.register(PACKED_SDPA_LOOP, functools.partial(packed_sdpa_attention, varlen=False))
@@ -335,5 +337,3 @@ class PackedRow:
             "max_length_k": longest,
             "packed_bounds": self.bounds,
         }
-
-

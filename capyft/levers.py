@@ -10,9 +10,10 @@ Written against: torch 2.11-2.13, transformers 5.17-5.24, bitsandbytes 0.50.2, l
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
+import os
+import shutil
 from typing import Any
 
 import torch
@@ -133,7 +134,8 @@ COMPILE_MIN_GPU_GIB = 16  # compile_layers auto: GPUs this large spare the ~0.7 
 
 def compile_wanted(setting: bool | str, device: torch.device | str) -> bool:
     """``compile_layers`` resolved for ``device``: ``auto`` compiles on CUDA GPUs of at least
-    :data:`COMPILE_MIN_GPU_GIB` GiB where triton (inductor's GPU code generator) is installed."""
+    :data:`COMPILE_MIN_GPU_GIB` GiB where triton (inductor's GPU code generator) is installed and a C compiler is on
+    ``PATH`` (triton builds its kernel launcher with one at the first compile; without it the first step fails)."""
     if setting != "auto":
         return bool(setting)
     device = torch.device(device)
@@ -142,7 +144,8 @@ def compile_wanted(setting: bool | str, device: torch.device | str) -> bool:
     from torch.utils._triton import has_triton
 
     total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-    return total_gib >= COMPILE_MIN_GPU_GIB and has_triton()
+    compilers = (os.environ.get("CC"), "cc", "gcc", "clang")
+    return total_gib >= COMPILE_MIN_GPU_GIB and has_triton() and any(c and shutil.which(c) for c in compilers)
 
 
 def compile_decoder_layers(model: Any, backend: str = "inductor") -> int:

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from capyft.attention import PACKED_ATTENTION, PackedRow, check_packed_sdpa, is_packed_batch
 from capyft.chat import IGNORE_INDEX
 from capyft.checks import ConfigError
-from capyft.attention import PACKED_ATTENTION, PackedRow, check_packed_sdpa, is_packed_batch
 from capyft.levers import prepare_base_model
 
 log = logging.getLogger(__name__)

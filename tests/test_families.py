@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from capyft.attention import PACKED_SDPA, PackedRow, check_packed_sdpa, packed_sdpa_attention
 from capyft.batching import ChatCollator
 from capyft.chat import IGNORE_INDEX
 from capyft.checks import ConfigError
-from capyft.attention import PACKED_SDPA, PackedRow, check_packed_sdpa, packed_sdpa_attention
 from capyft.levers import prepare_base_model
 from capyft.modeling import causal_lm_loss_sum, check_logit_transform, load_base_model
 

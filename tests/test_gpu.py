@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_packing import VOCAB, conversations, load_bench
 
 from capyft.attention import PACKED_SDPA, PACKED_SDPA_LOOP, varlen_usable
 from capyft.batching import ChatCollator
 from capyft.levers import compile_decoder_layers, prepare_base_model
 from capyft.modeling import build_lora_config, causal_lm_loss_sum, wrap_with_lora
-from test_packing import VOCAB, conversations, load_bench
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 LENGTHS = [37, 300, 5, 129]

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from capyft.attention import PACKED_SDPA, PackedRow
 from capyft.batching import ChatCollator
 from capyft.chat import IGNORE_INDEX
-from capyft.attention import PACKED_SDPA, PackedRow
 from capyft.levers import OffloadedEmbedding, offload_input_embeddings, prepare_base_model
 from capyft.modeling import build_lora_config, causal_lm_loss_sum, wrap_with_lora
 

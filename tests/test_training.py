@@ -286,6 +286,10 @@ def test_compile_layers_auto_compiles_on_large_cuda_gpus_only(monkeypatch):
         assert compile_wanted("auto", "cuda:0") is wanted, gib
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
     assert not compile_wanted("auto", "cuda:0")
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    monkeypatch.setenv("PATH", "")  # no C compiler for triton's launcher
+    monkeypatch.delenv("CC", raising=False)
+    assert not compile_wanted("auto", "cuda:0")
 
 
 def test_every_config_parses():
