@@ -190,6 +190,18 @@ class ChatDataModule(L.LightningDataModule):
             generator=self._generator(),
         )
 
+    def planned_steps(self, accumulate: int, replicas: int, epochs: int | None, max_steps: int = -1) -> int | None:
+        """Optimizer steps a fit will take, before the micro-batch is known: ``ceil(rows / conversations a step)``
+        per epoch (a step is ``step_size`` conversations a device with ``batch_size: auto``, else ``batch_size x
+        accumulate``), capped by ``max_steps``; None when neither bounds the fit or the data is not set up."""
+        if "train" not in self.splits:
+            return None
+        per_step = self.hparams.step_size if self.hparams.batch_size == "auto" else self.hparams.batch_size * accumulate
+        total = -(-len(self.splits["train"]) // (per_step * replicas)) * epochs if epochs and epochs > 0 else None
+        if max_steps is not None and max_steps > 0:
+            return max_steps if total is None else min(total, max_steps)
+        return total
+
     def _micro_batch_size(self) -> int:
         """Training conversations per micro-batch: ``batch_size``, or what ``auto`` picks (once per fit)."""
         if self.hparams.batch_size != "auto":

@@ -278,18 +278,34 @@ def test_compile_layers_auto_compiles_on_large_cuda_gpus_only(monkeypatch):
     from capyft.levers import compile_wanted
 
     assert compile_wanted(True, "cpu") and not compile_wanted(False, "cuda")
+    assert compile_wanted(True, "cpu", steps=1)  # true is true, however short the fit
     assert not compile_wanted("auto", "cpu")
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
     for gib, wanted in [(8, False), (12, False), (16, True), (141, True)]:
         props = SimpleNamespace(total_memory=gib * 2**30)
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, props=props: props)
         assert compile_wanted("auto", "cuda:0") is wanted, gib
+        assert compile_wanted("auto", "cuda:0", steps=300) is wanted, gib
+        assert not compile_wanted("auto", "cuda:0", steps=125), gib  # the reference fit: too short to earn it back
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
     assert not compile_wanted("auto", "cuda:0")
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
     monkeypatch.setenv("PATH", "")  # no C compiler for triton's launcher
     monkeypatch.delenv("CC", raising=False)
     assert not compile_wanted("auto", "cuda:0")
+
+
+def test_planned_steps_count_the_fit_before_it_starts():
+    auto = ChatDataModule("tok", batch_size="auto", step_size=4, max_length=2048)
+    assert auto.planned_steps(1, 1, 1) is None  # not set up yet
+    auto.splits = {"train": list(range(500))}
+    assert auto.planned_steps(1, 1, 1) == 125  # the reference config: 500 conversations, 4 a step
+    assert auto.planned_steps(1, 2, 3) == 189  # 2 devices of 4 conversations a step: 63 steps an epoch
+    assert auto.planned_steps(1, 1, 3, max_steps=100) == 100
+    assert auto.planned_steps(1, 1, -1) is None and auto.planned_steps(1, 1, None, max_steps=7) == 7
+    fixed = ChatDataModule("tok", batch_size=2)
+    fixed.splits = {"train": list(range(10))}
+    assert fixed.planned_steps(2, 1, 1) == 3  # micro-batches of 2, 2 per step: ceil(10 / 4)
 
 
 def test_every_config_parses():
