@@ -131,7 +131,7 @@ def disable_cpu_weight_packing(model: torch.nn.Module, disable: bool = True) -> 
 
 COMPILE_MIN_GPU_GIB = 16  # compile_layers auto: GPUs this large spare the ~0.7 GiB compiled layers take
 # compile_layers auto: fits this long earn back the compile. On an H200 (Llama-3.1-8B, 4k-token steps) compiling
-# added 40-70 s to a whole command and saved 0.15-0.25 s a step: even at about 300 steps.
+# added 45-65 s to a whole command and saved 0.12-0.24 s a step: even at about 200-500 steps.
 COMPILE_MIN_STEPS = 300
 
 
