@@ -156,12 +156,14 @@ class QLoRAModule(AnswerHooks, L.LightningModule):
             dtype = "bfloat16"
         from lightning.pytorch.strategies import FSDPStrategy
 
+        fsdp = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
         # training only: generation's changing shapes and caches would recompile at every step (validation runs
-        # eagerly too, see on_validation_start)
+        # eagerly too, see on_validation_start); auto never under FSDP, where compiled layers have not run
         wanted = hp.get("compile_layers", False)
         fitting = wanted and self._trainer is not None and self.trainer.state.fn == "fit"
-        self._compiled = bool(fitting) and compile_wanted(wanted, device, self._planned_steps())
-        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+        auto_ok = not (fsdp and wanted == "auto")
+        self._compiled = bool(fitting) and auto_ok and compile_wanted(wanted, device, self._planned_steps())
+        if fsdp:
             check_fsdp(self.trainer.strategy.kwargs, hp.load_in_4bit, hp.quant_storage, dtype, self.trainer.precision)
         quantization = build_quantization_config(
             hp.load_in_4bit, hp.quant_type, hp.double_quant, dtype, hp.quant_storage

@@ -190,7 +190,7 @@ def test_fsdp_auto_wrap_policy_units(tiny_model):
     assert all(fsdp_auto_wrap_policy(module, True, 0) for module in model.modules())  # recursion goes everywhere
 
 
-def test_fsdp_misconfiguration_fails_before_loading(tiny_model):
+def test_fsdp_misconfiguration_fails_before_loading(tiny_model, monkeypatch):
     """configure_model under an FSDP strategy: the setting to change is named before any weight is loaded."""
     from types import SimpleNamespace
 
@@ -199,11 +199,13 @@ def test_fsdp_misconfiguration_fails_before_loading(tiny_model):
     from capyft.model import QLoRAModule
     from capyft.modeling import fsdp_auto_wrap_policy
 
-    def configure(policy=None, **hparams) -> None:
+    def configure(policy=None, **hparams) -> QLoRAModule:
         module = QLoRAModule(str(tiny_model), **hparams)
         strategy = FSDPStrategy(auto_wrap_policy=policy, parallel_devices=[torch.device("cpu")])
-        module._trainer = SimpleNamespace(strategy=strategy, precision="bf16-mixed")
+        fit = SimpleNamespace(state=SimpleNamespace(fn="fit"), max_steps=1000, datamodule=None)
+        module._trainer = SimpleNamespace(strategy=strategy, precision="bf16-mixed", **vars(fit))
         module.configure_model()
+        return module
 
     with pytest.raises(ValueError, match=r"--model\.quant_storage=bfloat16"):
         configure(compute_dtype="bfloat16")
@@ -212,3 +214,9 @@ def test_fsdp_misconfiguration_fails_before_loading(tiny_model):
     with pytest.raises(ValueError, match=r"auto_wrap_policy"):
         configure(compute_dtype="bfloat16", load_in_4bit=False)
     configure(fsdp_auto_wrap_policy, compute_dtype="bfloat16", quant_storage="bfloat16")  # accepted: loads
+    # compile_layers auto stays off under FSDP, even where it would compile a long fit (compiled FSDP never ran)
+    monkeypatch.setattr("capyft.model.compile_wanted", lambda *args: True)
+    monkeypatch.setattr("capyft.model.compile_decoder_layers", lambda model: None)
+    settings = {"compute_dtype": "bfloat16", "quant_storage": "bfloat16"}
+    assert not configure(fsdp_auto_wrap_policy, compile_layers="auto", **settings)._compiled
+    assert configure(fsdp_auto_wrap_policy, compile_layers=True, **settings)._compiled  # asked for: compiled

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from capyft.attention import PACKED_SDPA, PackedRow
+from capyft import attention
+from capyft.attention import PACKED_ATTENTION, PACKED_SDPA, PACKED_SDPA_LOOP, PackedRow
 from capyft.batching import ChatCollator
 from capyft.chat import IGNORE_INDEX
 from capyft.levers import OffloadedEmbedding, offload_input_embeddings, prepare_base_model
@@ -40,7 +41,7 @@ def tiny_llama(attn: str = "sdpa", seed: int = 0, **overrides):
         tie_word_embeddings=False,
         **overrides,
     )
-    config._attn_implementation = "sdpa" if attn == PACKED_SDPA else attn
+    config._attn_implementation = "sdpa" if attn in PACKED_ATTENTION else attn
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     return prepare_base_model(model, attn)
@@ -75,7 +76,7 @@ def test_packed_row_bounds():
     assert kwargs["max_length_q"] == 3
 
 
-@pytest.mark.parametrize("attn", ["sdpa", PACKED_SDPA, "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", PACKED_SDPA, PACKED_SDPA_LOOP, "eager"])
 @torch.no_grad()
 def test_packed_logits_equal_each_conversation_alone(attn):
     model = tiny_llama(attn)
@@ -325,3 +326,69 @@ def test_compiled_layers_train_like_eager_and_reuse_one_graph_across_lengths():
         for name in grads[0]:
             torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # dynamic lengths: no recompile
+
+
+# ---- the varlen path's glue on CPU -------------------------------------------------------------------------------
+# Flash attention is CUDA-only (tests/test_gpu.py runs the real kernel). On CPU, a per-sequence SDPA kernel stands in
+# for it, so what capyft wraps around the kernel runs here: layouts, grouped heads, the autograd of the custom op and
+# its backward op, and the longest-sequence bound compiled layers pass. Inert unless a test makes varlen_usable true.
+STAND_IN_CALLS: list[int] = []
+
+
+def _per_sequence_attention(q, k, v, cu_seq_lens, scale):
+    bounds, groups, outputs = cu_seq_lens.tolist(), q.shape[1] // k.shape[1], []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
+        out = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+        outputs.append(out.transpose(0, 1))
+    return torch.cat(outputs)
+
+
+@torch.library.register_kernel("capyft::varlen_causal_attention", "cpu")
+def _stand_in_forward(q, k, v, cu_seq_lens, max_length, scale):
+    assert max_length >= int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
+    STAND_IN_CALLS.append(1)
+    lse = q.new_zeros((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return _per_sequence_attention(q, k, v, cu_seq_lens, scale).contiguous(), lse
+
+
+@torch.library.register_kernel("capyft::varlen_causal_attention_backward", "cpu")
+def _stand_in_backward(grad_out, q, k, v, out, lse, cu_seq_lens, max_length, scale):
+    _, vjp = torch.func.vjp(lambda *qkv: _per_sequence_attention(*qkv, cu_seq_lens, scale), q, k, v)
+    return tuple(g.contiguous() for g in vjp(grad_out))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_varlen_path_trains_like_per_conversation_attention(monkeypatch, compiled):
+    """``sdpa_packed``'s varlen call, with the stand-in kernel, gives the loss and LoRA gradients of
+    ``sdpa_packed_loop`` on packed rows; compiled (aot_eager), one graph serves rows of new lengths and counts."""
+    import torch._dynamo
+
+    from capyft.levers import compile_decoder_layers
+
+    monkeypatch.setattr(attention, "varlen_usable", lambda *tensors: True)
+    models = {}
+    for attn in (PACKED_SDPA, PACKED_SDPA_LOOP):
+        models[attn] = wrap_with_lora(tiny_llama(attn), build_lora_config(r=4, alpha=8, dropout=0.0), True).train()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    if compiled:
+        compile_decoder_layers(models[PACKED_SDPA], backend="aot_eager")
+    STAND_IN_CALLS.clear()
+    for seed, count in [(0, 3), (1, 4), (2, 2)]:
+        batch = ChatCollator(pad_id=0, padding_free=True)(conversations(seed)[:count])
+        results = {}
+        for attn, model in models.items():
+            model.zero_grad()
+            loss, _ = causal_lm_loss_sum(model, batch, 0)
+            loss.backward()
+            results[attn] = loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        (loss, grads), (loop_loss, loop_grads) = results[PACKED_SDPA], results[PACKED_SDPA_LOOP]
+        torch.testing.assert_close(loss, loop_loss, rtol=1e-5, atol=1e-5)
+        assert grads.keys() == loop_grads.keys() and grads
+        for name in grads:  # float32; the stand-in expands grouped heads where the loop lets SDPA group them
+            torch.testing.assert_close(grads[name], loop_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+    assert len(STAND_IN_CALLS) == 3 * 2 * 2  # three rows, two layers, forward and checkpoint recompute
+    if compiled:
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
