@@ -67,7 +67,7 @@ class QLoRAModule(AnswerHooks, L.LightningModule):
             4,992 and 5,837 for two eager stacks, +0.7 GiB, and 45-65 s more for the whole command (compiling).
             ``auto``: on for fits of at least 300 optimizer steps (where the compile is earned back) on CUDA GPUs of
             at least 16 GiB with triton and a C compiler; off for shorter fits (the reference's 125 steps), on
-            smaller GPUs (they keep the memory) and on CPU.
+            smaller GPUs (they keep the memory), on CPU and under FSDP (never run compiled).
         fused_lora: run each 4-bit + LoRA linear as one autograd function (:mod:`capyft.fused_lora`): the same
             results as peft's forward with ten fewer autograd nodes per layer. Off by default: on an H200 it was no
             faster on the reference config (two runs: -4% and +2% by mean) and held 0.26 GiB more; +10% on a CPU.
