@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_packing import VOCAB, conversations, load_bench
+from test_packing import conversations, load_bench, tiny_llama_config
 
 from capyft.attention import PACKED_SDPA, PACKED_SDPA_LOOP, varlen_usable
 from capyft.batching import ChatCollator
@@ -61,18 +61,9 @@ def test_varlen_attention_equals_causal_attention_per_sequence(dtype, longest):
 
 def tiny_lora_model(attn: str, dtype: torch.dtype = torch.float16, four_bit: bool = False):
     """A tiny random Llama on the GPU (head size 64, grouped heads) with LoRA, loaded the way capyft loads one."""
-    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-    )
+    config = tiny_llama_config(hidden_size=256, intermediate_size=512, max_position_embeddings=1024)
     torch.manual_seed(0)
     if four_bit:
         bench = load_bench()

@@ -27,20 +27,25 @@ VOCAB = 256
 LENGTHS = [37, 11, 64, 23]  # uneven on purpose, one long enough to dominate a dense mask
 
 
-def tiny_llama(attn: str = "sdpa", seed: int = 0, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(**overrides):
+    """A 2-layer Llama config with grouped-query heads (4 query, 2 key/value), head size 16 unless overridden."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    settings = {"hidden_size": 64, "intermediate_size": 128, "max_position_embeddings": 512} | overrides
+    return LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
         tie_word_embeddings=False,
-        **overrides,
+        **settings,
     )
+
+
+def tiny_llama(attn: str = "sdpa", seed: int = 0, **overrides):
+    from transformers import LlamaForCausalLM
+
+    config = tiny_llama_config(**overrides)
     config._attn_implementation = "sdpa" if attn in PACKED_ATTENTION else attn
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
