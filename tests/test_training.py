@@ -295,6 +295,16 @@ def test_compile_layers_auto_compiles_on_large_cuda_gpus_only(monkeypatch):
     assert not compile_wanted("auto", "cuda:0")
 
 
+@pytest.mark.parametrize("split", [["--data.batch_size=2"], ["--data.batch_size=auto", "--data.step_size=4"]])
+def test_compile_auto_sees_the_steps_the_fit_takes(tmp_path, tiny_model, uneven_colors, monkeypatch, split):
+    """What ``compile_layers: auto`` weighs, the fit's planned optimizer steps, is what the fit then takes."""
+    seen = []
+    monkeypatch.setattr("capyft.model.compile_wanted", lambda setting, device, steps: seen.append(steps) or False)
+    args = ["--trainer.max_steps=-1", "--trainer.max_epochs=2", "--model.compile_layers=auto", "--data.max_length=256"]
+    cli = main(fit_args(tmp_path, tiny_model, uneven_colors, *args, *split, "--trainer.limit_val_batches=0"))
+    assert seen == [cli.trainer.global_step] and cli.trainer.global_step > 2
+
+
 def test_planned_steps_count_the_fit_before_it_starts():
     auto = ChatDataModule("tok", batch_size="auto", step_size=4, max_length=2048)
     assert auto.planned_steps(1, 1, 1) is None  # not set up yet
