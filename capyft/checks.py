@@ -135,6 +135,25 @@ def resolve_precision(precision: str, compute_dtype: str, gpu_capability: tuple[
     return precision
 
 
+def check_compile(setting: Any, on_gpu: bool, key: str = "model.compile_layers") -> None:
+    """Fails before the model loads when ``compile_layers: true`` cannot compile on this machine (it would fail at
+    the first training step). ``auto`` needs no check: it compiles only where it can.
+
+    Raises:
+        ConfigError: naming what is missing and the settings that run without it.
+    """
+    if setting is not True:
+        return
+    from capyft.levers import compile_toolchain_missing
+
+    missing = compile_toolchain_missing("cuda" if on_gpu else "cpu")
+    if missing:
+        raise ConfigError(
+            f"{key}: true compiles the decoder layers with torch.compile, which needs {missing} here; install it, "
+            "or set --model.compile_layers auto (compiles only where it can) or false"
+        )
+
+
 def min_max_length(tokenizer: Any, system_prompt: str | None = None) -> int:
     """The shortest ``max_length`` that keeps one answer token: the chat header of a one-word user turn, plus one."""
     from capyft.chat import encode_prompt

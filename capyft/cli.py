@@ -129,6 +129,8 @@ class CapyCLI(LightningCLI):
         checks.check_model_path(config.model.model_name_or_path)
         checks.check_data_source(config.data.source)
         checks.check_model_values(config.model.as_dict())
+        if self.subcommand == "fit":
+            checks.check_compile(config.model.get("compile_layers"), on_gpu)
         checks.check_data_values(config.data.as_dict())
         if self.subcommand != "fit":
             checkpoints.log_into_run_dir(config)

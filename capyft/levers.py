@@ -152,8 +152,23 @@ def compile_wanted(setting: bool | str, device: torch.device | str, steps: int |
     from torch.utils._triton import has_triton
 
     total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-    compilers = (os.environ.get("CC"), "cc", "gcc", "clang")
-    return total_gib >= COMPILE_MIN_GPU_GIB and has_triton() and any(c and shutil.which(c) for c in compilers)
+    return total_gib >= COMPILE_MIN_GPU_GIB and compile_toolchain_missing("cuda") is None
+
+
+def compile_toolchain_missing(device_type: str) -> str | None:
+    """What ``torch.compile``'s inductor lacks on this machine to compile for ``device_type``, or None.
+
+    On CUDA, triton and a C compiler (triton builds its kernel launcher with one); on CPU, a C++ compiler.
+    """
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "triton (pip install triton; Linux only)"
+        compilers, what = (os.environ.get("CC"), "cc", "gcc", "clang"), "a C compiler (gcc or clang, or CC)"
+    else:
+        compilers, what = (os.environ.get("CXX"), "c++", "g++", "clang++"), "a C++ compiler (g++ or clang++, or CXX)"
+    return None if any(c and shutil.which(c) for c in compilers) else f"{what} on PATH"
 
 
 def compile_decoder_layers(model: Any, backend: str = "inductor") -> int:

@@ -305,6 +305,16 @@ def test_compile_auto_sees_the_steps_the_fit_takes(tmp_path, tiny_model, uneven_
     assert seen == [cli.trainer.global_step] and cli.trainer.global_step > 2
 
 
+def test_compile_true_without_a_compiler_fails_before_loading(tmp_path, tiny_model, uneven_colors, monkeypatch):
+    from capyft.checks import ConfigError
+
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ConfigError, match=r"model\.compile_layers: true .* needs a C\+\+ compiler .* on PATH"):
+        main(fit_args(tmp_path, tiny_model, uneven_colors, "--model.compile_layers=true"))
+    assert not (tmp_path / "runs").exists()  # nothing written, no model loaded
+
+
 def test_planned_steps_count_the_fit_before_it_starts():
     auto = ChatDataModule("tok", batch_size="auto", step_size=4, max_length=2048)
     assert auto.planned_steps(1, 1, 1) is None  # not set up yet
