@@ -149,7 +149,6 @@ def compile_wanted(setting: bool | str, device: torch.device | str, steps: int |
     device = torch.device(device)
     if device.type != "cuda":
         return False
-    from torch.utils._triton import has_triton
 
     total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
     return total_gib >= COMPILE_MIN_GPU_GIB and compile_toolchain_missing("cuda") is None
