@@ -141,17 +141,26 @@ def compile_wanted(setting: bool | str, device: torch.device | str, steps: int |
     ``auto`` compiles a fit of at least :data:`COMPILE_MIN_STEPS` steps on a CUDA GPU of at least
     :data:`COMPILE_MIN_GPU_GIB` GiB where triton (inductor's GPU code generator) is installed and a C compiler is on
     ``PATH`` (triton builds its kernel launcher with one at the first compile; without it the first step fails).
+    ``auto`` logs what it decided and why.
     """
     if setting != "auto":
         return bool(setting)
-    if steps is not None and steps < COMPILE_MIN_STEPS:
-        return False
-    device = torch.device(device)
-    if device.type != "cuda":
-        return False
+    reason = _auto_compile_obstacle(torch.device(device), steps)
+    log.info("compile_layers auto: %s", f"eager, {reason}" if reason else "compiling the decoder layers")
+    return reason is None
 
+
+def _auto_compile_obstacle(device: torch.device, steps: int | None) -> str | None:
+    if steps is not None and steps < COMPILE_MIN_STEPS:
+        return f"{steps} optimizer steps do not earn back the compile (it pays from about {COMPILE_MIN_STEPS})"
+    if device.type != "cuda":
+        return "CUDA GPUs only"
     total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-    return total_gib >= COMPILE_MIN_GPU_GIB and compile_toolchain_missing("cuda") is None
+    if total_gib < COMPILE_MIN_GPU_GIB:
+        gpu = f"a {total_gib:.0f} GiB GPU"
+        return f"{gpu} keeps the ~0.7 GiB compiled layers add (compiles from {COMPILE_MIN_GPU_GIB} GiB)"
+    missing = compile_toolchain_missing("cuda")
+    return f"torch.compile needs {missing}" if missing else None
 
 
 def compile_toolchain_missing(device_type: str) -> str | None:

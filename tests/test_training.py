@@ -270,13 +270,14 @@ def test_compiled_fit_trains_compiled_and_validates_eagerly(tmp_path, tiny_model
     assert set(scalars(Path(cli.trainer.log_dir), "val/loss"))
 
 
-def test_compile_layers_auto_compiles_on_large_cuda_gpus_only(monkeypatch):
+def test_compile_layers_auto_compiles_on_large_cuda_gpus_only(monkeypatch, caplog):
     from types import SimpleNamespace
 
     import torch.utils._triton
 
     from capyft.levers import compile_wanted
 
+    caplog.set_level("INFO", logger="capyft.levers")
     assert compile_wanted(True, "cpu") and not compile_wanted(False, "cuda")
     assert compile_wanted(True, "cpu", steps=1)  # true is true, however short the fit
     assert not compile_wanted("auto", "cpu")
@@ -287,6 +288,9 @@ def test_compile_layers_auto_compiles_on_large_cuda_gpus_only(monkeypatch):
         assert compile_wanted("auto", "cuda:0") is wanted, gib
         assert compile_wanted("auto", "cuda:0", steps=300) is wanted, gib
         assert not compile_wanted("auto", "cuda:0", steps=125), gib  # the reference fit: too short to earn it back
+    assert "compile_layers auto: eager, 125 optimizer steps do not earn back the compile" in caplog.text
+    assert "compile_layers auto: eager, a 12 GiB GPU keeps" in caplog.text
+    assert "compile_layers auto: compiling the decoder layers" in caplog.text
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
     assert not compile_wanted("auto", "cuda:0")
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
