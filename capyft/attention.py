@@ -140,7 +140,8 @@ def packed_sdpa_attention(
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         # Compiled, the longest conversation would be a python int that dynamo guards on (a recompile per new
         # value): the row's length bounds it, and the kernel reads each conversation's real length from cu_seq_lens.
-        longest = q.shape[0] if torch.compiler.is_compiling() else kwargs["max_length_q"]
+        longest = kwargs.get("max_length_q") if not torch.compiler.is_compiling() else None
+        longest = longest or q.shape[0]
         out, _ = torch.ops.capyft.varlen_causal_attention(q, k, v, cu_seq_lens, longest, scale)
         return out.unsqueeze(0), None
     with _without_cudnn_attention(query):
