@@ -86,6 +86,15 @@ class AnswerHooks:
         return records
 
     def on_test_epoch_end(self) -> None:
+        log.info(
+            "test: answered %d prompts%s in %.1f s (%s generated tokens, %.0f a second)%s",
+            len(self._records),
+            " with both models" if self.compare_base else "",
+            self._gen_seconds,
+            f"{self._gen_tokens:,}",
+            self._gen_tokens / max(self._gen_seconds, 1e-9),
+            f" on rank {self.global_rank}" if self.trainer.world_size > 1 else "; scoring them",
+        )
         records = evaluation.gather_records(self._records)  # every rank's answers, in test-set order
         rate = torch.tensor(self._gen_tokens / max(self._gen_seconds, 1e-9), device=self.device)
         rate = float(self.trainer.strategy.reduce(rate, reduce_op="sum"))  # total throughput over ranks

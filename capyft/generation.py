@@ -7,10 +7,19 @@ the newly generated tokens only, cut at the first end-of-turn or end-of-sequence
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+# Prompt tokens (left padding included) per forward pass of the prefill. A batch's prompts are encoded in sub-batches
+# of similar length, so the prefill computes little padding whatever the spread of lengths in the batch; the
+# answers are then decoded for the whole batch at once. 16k tokens keep a Llama-3.1-8B prefill pass near the
+# GPU's speed and its transients at ~2.3 GiB (:class:`capyft.sizing.GenerationMemory` counts them).
+PREFILL_TOKENS = 16384
+# The adapter name peft reads as "no adapter" in a mixed batch (``adapter_names``), for the base model's rows.
+BASE_ADAPTER = "__base__"
 
 
 @dataclass(frozen=True)
@@ -58,12 +67,14 @@ def generate(
     stop_ids: list[int],
     seed: int = 0,
     streamer: Any = None,
+    adapter_names: list[str] | None = None,
 ) -> list[Generated]:
     """Answers a batch of left-padded prompts with the KV cache; one :class:`Generated` per row, in row order.
 
     The model runs in eval mode (training-mode gradient checkpointing would turn the cache off) with
-    ``use_cache=True``, which training configs switch off in ``model.config``. Each answer is cut at its first
-    ``stop_ids`` token, so only new tokens up to the end of the turn are decoded.
+    ``use_cache=True``, which training configs switch off in ``model.config``. A batch of several prompts is
+    prefilled in sub-batches of similar length (:func:`prefill`), then decoded together by transformers' ``generate``.
+    Each answer is cut at its first ``stop_ids`` token, so only new tokens up to the end of the turn are decoded.
 
     Args:
         model: a causal LM (PEFT-wrapped or not).
@@ -75,6 +86,8 @@ def generate(
         seed: seeds sampling (ignored when greedy); the global RNG state is restored afterwards.
         streamer: a transformers streamer (e.g. ``TextStreamer``) that receives the tokens as they are generated
             (batch of one; ``chat`` prints the answer with it).
+        adapter_names: a peft LoRA model's adapter per row (peft's mixed batch): its active adapter, or
+            ``"__base__"`` for the base model; None: the model as it is.
 
     Raises:
         ValueError: the prompts are padded on the right, or ``max_new_tokens`` is not positive.
@@ -86,12 +99,16 @@ def generate(
     sampling = {}
     if settings.do_sample:
         sampling = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
+    extra: dict[str, Any] = {} if adapter_names is None else {"adapter_names": list(adapter_names)}
     was_training = model.training
     model.eval()
     devices = [input_ids.device] if input_ids.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices), _autocast(model, input_ids.device):
             torch.manual_seed(seed)
+            cache = prefill(model, input_ids, attention_mask, adapter_names) if input_ids.shape[0] > 1 else None
+            if cache is not None:
+                extra[cache[0]] = cache[1]
             output = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -103,6 +120,7 @@ def generate(
                 use_cache=True,
                 streamer=streamer,
                 **sampling,
+                **extra,
             )
     finally:
         model.train(was_training)
@@ -118,6 +136,121 @@ def _autocast(model: Any, device: torch.device) -> Any:
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=dtype)
+
+
+def prefill(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    adapter_names: list[str] | None = None,
+    max_tokens: int | None = None,
+) -> tuple[str, Any] | None:
+    """The KV cache of every prompt token but the last, computed in sub-batches of similar length, laid out as
+    transformers' ``generate`` would lay out the cache of the whole left-padded batch.
+
+    transformers prefills a batch in one pass over the batch padded to its longest prompt: for Capybara-like test
+    prompts (a few hundred tokens each, the longest over a thousand) most of that pass computes padding. Here the
+    rows are sorted by length and encoded in passes of at most ``max_tokens`` tokens, each padded only to its own
+    longest prompt, with the position ids ``generate`` gives them (the count of real tokens before each). Their keys
+    and values are copied right-aligned into one cache as long as the batch's prompt minus one token, zeros at the
+    padding; ``generate`` then feeds each row's last prompt token and decodes the whole batch at once. The answers
+    are the ones ``generate`` alone computes (``tests/test_evaluation.py``; padding aside, the same arithmetic).
+
+    Args:
+        model: the causal LM, peft-wrapped or not, in eval mode, under the autocast ``generate`` runs in.
+        input_ids, attention_mask: the left-padded batch.
+        adapter_names: each row's adapter in a peft mixed batch; a sub-batch then holds one adapter's rows, and the
+            base model's rows (``"__base__"``) run with the adapter disabled.
+        max_tokens: most tokens (padding included) per pass, ``PREFILL_TOKENS`` by default; a longer prompt gets a
+            pass of its own.
+
+    Returns:
+        ``(name, cache)``: the keyword ``generate`` takes the cache by (``cache``, or ``past_key_values`` before
+        transformers renamed it) and a ``DynamicCache``; None where this does not apply and ``generate`` prefills
+        as usual: prompts of one token, a model whose cache is not one full-attention layer per decoder layer
+        (sliding windows, hybrid or recurrent layers), a decoder it cannot call on its own, FSDP-wrapped modules.
+    """
+    target = _prefill_target(model)
+    rows, length = input_ids.shape
+    if target is None or length < 2:
+        return None
+    decoder, name, new_cache = target
+    names = adapter_names or [None] * rows
+    lengths = attention_mask.sum(-1).tolist()
+    order = sorted(range(rows), key=lambda row: (str(names[row]), lengths[row]))
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    for chunk in _prefill_chunks(order, lengths, names, max_tokens or PREFILL_TOKENS):
+        longest = max(lengths[row] for row in chunk)
+        if longest < 2:
+            continue  # these rows have only the token generate feeds: no cache entry
+        index = torch.tensor(chunk, device=input_ids.device)
+        start = length - longest
+        ids, mask = input_ids[index, start:-1], attention_mask[index, start:-1]
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        sub = new_cache()
+        with _adapter(model, names[chunk[0]]):
+            decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{name: sub})
+        keep = mask.bool()[:, None, :, None]  # padding slots get zeros, never an unmasked value
+        for i, layer in enumerate(sub.layers):
+            if i == len(keys):
+                shape = (rows, layer.keys.shape[1], length - 1, layer.keys.shape[-1])
+                keys.append(layer.keys.new_zeros(shape))
+                values.append(layer.values.new_zeros((*shape[:-1], layer.values.shape[-1])))
+            keys[i][index, :, start:] = torch.where(keep, layer.keys, 0)
+            values[i][index, :, start:] = torch.where(keep, layer.values, 0)
+        del sub
+    if not keys:
+        return None
+    cache = new_cache()
+    for i in range(len(keys)):
+        cache.update(keys[i], values[i], i)
+        keys[i] = values[i] = None  # type: ignore[call-overload]  # the cache holds its own copy now
+    return name, cache
+
+
+def _prefill_chunks(order: list[int], lengths: list[int], names: list[Any], max_tokens: int) -> list[list[int]]:
+    """Consecutive rows of ``order`` (sorted by adapter, then length) in passes of one adapter whose padded size,
+    rows x longest prompt, stays within ``max_tokens``; a prompt longer than that gets a pass of its own."""
+    chunks: list[list[int]] = []
+    for row in order:
+        chunk = chunks[-1] if chunks else None
+        if chunk and names[chunk[0]] == names[row] and (len(chunk) + 1) * lengths[row] <= max_tokens:
+            chunk.append(row)
+        else:
+            chunks.append([row])
+    return chunks
+
+
+def _prefill_target(model: Any) -> tuple[Any, str, Any] | None:
+    """``(decoder, cache keyword, cache factory)`` for :func:`prefill`, or None where it does not apply."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if decoder is None or decoder is base or getattr(base.config, "is_encoder_decoder", False):
+        return None
+    if any(type(m).__name__ in ("FullyShardedDataParallel", "FSDPModule") for m in model.modules()):
+        return None
+    parameters = inspect.signature(decoder.forward).parameters
+    name = next((n for n in ("cache", "past_key_values") if n in parameters), None)
+    if name is None or "position_ids" not in parameters:
+        return None
+    try:
+        probe = DynamicCache(config=base.config)
+    except (TypeError, ValueError):
+        return None
+    layers = getattr(probe, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None  # sliding-window, chunked, hybrid or recurrent layers: generate's own prefill
+    return decoder, name, lambda: DynamicCache(config=base.config)
+
+
+def _adapter(model: Any, name: str | None) -> Any:
+    """The context a prefill pass of one adapter's rows runs in: the adapter disabled for the base model's rows."""
+    return model.disable_adapter() if name == BASE_ADAPTER else contextlib.nullcontext()
 
 
 def stop_ids(tokenizer: Any, model: Any = None) -> list[int]:
@@ -156,16 +289,26 @@ def answer_batch(
     """Answers a prompt batch (``PromptCollator``'s: ids, mask, rows, prompts, references) with the model and, with
     ``compare_base``, again with its adapter disabled; one record per prompt and the number of tokens generated.
 
-    Sampling is seeded with ``settings.seed`` plus the batch's first row id, so an answer does not depend on which
-    batches ran before it.
+    With ``compare_base`` on a peft LoRA model, both models answer in one batch of twice the rows (peft's mixed
+    batch: the base model's rows skip the adapter), so the decode steps, bound by the host's per-step work, run once
+    rather than twice. Each row computes what it computes alone (``tests/test_evaluation.py``). Sampling is seeded
+    with ``settings.seed`` plus the batch's first row id, so an answer does not depend on which batches ran before it.
     """
     args = (tokenizer, batch["input_ids"], batch["attention_mask"], settings)
     stops, seed = stop_ids(tokenizer, model), settings.seed + min(batch["row"])
-    tuned = generate(model, *args, stops, seed)
-    base: list[Any] = [None] * len(tuned)
-    if compare_base:
-        with model.disable_adapter():
-            base = generate(model, *args, stops, seed)
+    adapter = mixed_batch_adapter(model) if compare_base else None
+    if adapter is not None:
+        rows = len(batch["row"])
+        both = torch.cat([batch["input_ids"], batch["input_ids"]]), torch.cat([batch["attention_mask"]] * 2)
+        names = [adapter] * rows + [BASE_ADAPTER] * rows
+        answers = generate(model, tokenizer, *both, settings, stops, seed, adapter_names=names)
+        tuned, base = answers[:rows], answers[rows:]
+    else:
+        tuned = generate(model, *args, stops, seed)
+        base = [None] * len(tuned)
+        if compare_base:
+            with model.disable_adapter():
+                base = generate(model, *args, stops, seed)
     fields = zip(batch["row"], batch["prompt"], batch["reference"], tuned, base)
     records = [
         {"row": row, "prompt": prompt, "reference": reference, "prediction": t.text}
@@ -175,3 +318,18 @@ def answer_batch(
         for row, prompt, reference, t, b in fields
     ]
     return records, sum(g.num_tokens for g in [*tuned, *base] if g)
+
+
+def mixed_batch_adapter(model: Any) -> str | None:
+    """The adapter a peft LoRA model answers with when one batch holds both models' rows, or None where peft's mixed
+    batch does not apply (not a LoRA model, several active adapters, or an adapter variant such as DoRA)."""
+    config = getattr(model, "peft_config", None)
+    active = getattr(model, "active_adapters", None)
+    if not isinstance(config, dict) or not isinstance(active, list) or len(active) != 1 or active[0] not in config:
+        return None
+    adapter = config[active[0]]
+    if getattr(adapter, "peft_type", None) is None or str(getattr(adapter.peft_type, "value", "")) != "LORA":
+        return None
+    if getattr(adapter, "use_dora", False) or any(getattr(m, "merged", False) for m in model.modules()):
+        return None  # peft refuses mixed batches with DoRA or merged weights
+    return active[0]

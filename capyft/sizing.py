@@ -10,13 +10,17 @@ from typing import Any
 
 import torch
 
-# Most prompts per generation batch with ``eval_batch_size: auto``. A decode step is bound by host overhead up to a
-# few hundred rows (Llama-3.1-8B 4-bit on an H200: ~125 ms a step at 64 and at 200 rows), so larger batches would
-# add memory (and the risk of running out) for little time saved.
-MAX_GENERATION_ROWS = 256
+from capyft.generation import PREFILL_TOKENS
+
+# Most rows (answers: a prompt counts twice when the base model answers it too) per generation batch with
+# ``eval_batch_size: auto``. A decode step is bound by host overhead up to a few hundred rows (Llama-3.1-8B 4-bit on
+# an H200: ~125 ms a step at 64 and at 200 rows), so larger batches would add memory (and the risk of running out)
+# for little time saved.
+MAX_GENERATION_ROWS = 512
 # Share of the GPU memory left after the model loads that ``auto``'s generation batches may plan to use; the rest
-# covers what the estimate leaves out: a 4-bit layer's weight dequantized for its matmul, and the caching
-# allocator's fragmentation as the KV cache grows a token at a time.
+# covers what the estimate leaves out: a 4-bit layer's weight dequantized for its matmul, the copy of one layer's
+# cache as the prefilled cache is handed to ``generate``, and the caching allocator's fragmentation as the KV cache
+# grows a token at a time.
 GENERATION_HEADROOM = 0.8
 
 
@@ -120,16 +124,15 @@ class GenerationMemory:
 
     def batch_bytes(self, rows: int, longest: int, max_new_tokens: int) -> int:
         """Bytes to answer ``rows`` prompts padded to ``longest`` tokens with up to ``max_new_tokens`` new ones: the
-        KV cache of the padded prompt and the answer, the prefill's activations and attention mask, and the logits.
-        The prefill's transients and the full cache are counted together, an upper bound on the peak.
+        KV cache of the padded prompt and the answer and the logits, per row, plus one prefill pass's activations and
+        attention mask (:func:`capyft.generation.prefill` encodes the prompts in passes of at most
+        ``PREFILL_TOKENS`` tokens, or one prompt). The prefill's transients and the full cache are counted
+        together, an upper bound on the peak.
         """
-        per_row = (
-            (longest + max_new_tokens) * self.kv_per_token
-            + longest * self.activations_per_token
-            + longest * longest * self.mask_per_pair
-            + self.logits_per_row
-        )
-        return rows * per_row
+        per_row = (longest + max_new_tokens) * self.kv_per_token + self.logits_per_row
+        prefill_tokens = min(rows * longest, max(PREFILL_TOKENS, longest))
+        prefill = prefill_tokens * (self.activations_per_token + longest * self.mask_per_pair)
+        return rows * per_row + prefill
 
 
 def generation_batches(
@@ -138,11 +141,12 @@ def generation_batches(
     memory: GenerationMemory,
     budget_bytes: int,
     max_rows: int = MAX_GENERATION_ROWS,
+    answers_per_prompt: int = 1,
 ) -> list[list[int]]:
     """Splits prompts, in their given order, into batches of consecutive prompts whose generation fits a budget.
 
-    Greedy: a batch takes the next prompt while it holds fewer than ``max_rows`` and
-    :meth:`GenerationMemory.batch_bytes` of the grown batch (padded to its longest prompt) stays within
+    Greedy: a batch takes the next prompt while its rows (``answers_per_prompt`` a prompt) stay within ``max_rows``
+    and :meth:`GenerationMemory.batch_bytes` of the grown batch (padded to its longest prompt) stays within
     ``budget_bytes``. A prompt that needs more than the budget alone still gets a batch of its own. With the prompts
     longest first, as the prompt loader orders them, the batches grow as the prompts shorten.
 
@@ -151,21 +155,23 @@ def generation_batches(
         max_new_tokens: most tokens generated per answer.
         memory: the model's per-token and per-row costs.
         budget_bytes: GPU memory one batch may use.
-        max_rows: most prompts per batch.
+        max_rows: most rows (answers) per batch.
+        answers_per_prompt: rows a prompt takes: 2 when the base model answers it in the same batch
+            (``compare_base``, :func:`capyft.generation.answer_batch`), else 1.
 
     Returns:
         Each batch's positions in ``lengths``: every position once, in order.
     """
-    if max_rows < 1:
-        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    if max_rows < 1 or answers_per_prompt < 1:
+        raise ValueError(f"max_rows and answers_per_prompt must be >= 1, got {max_rows} and {answers_per_prompt}")
+    per_batch = max(max_rows // answers_per_prompt, 1)
     batches: list[list[int]] = []
     batch: list[int] = []
     longest = 0
     for position, length in enumerate(lengths):
         grown = max(longest, length)
-        if batch and (
-            len(batch) >= max_rows or memory.batch_bytes(len(batch) + 1, grown, max_new_tokens) > budget_bytes
-        ):
+        rows = answers_per_prompt * (len(batch) + 1)
+        if batch and (len(batch) >= per_batch or memory.batch_bytes(rows, grown, max_new_tokens) > budget_bytes):
             batches.append(batch)
             batch, grown = [], length
         batch.append(position)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import REPO, fit_args, offline_env, one_turn, write_jsonl
+from helpers import REPO, assert_prefill_matches_one_pass, fit_args, offline_env, one_turn, write_jsonl
 
 from capyft import evaluation
 from capyft.assets import minilm_dir
@@ -81,9 +81,100 @@ def test_generate_uses_kv_cache_with_gradient_checkpointing_on(tiny_model, token
     settings = GenerationSettings(max_new_tokens=5)
     out = generate(model, tokenizer, batch["input_ids"], batch["attention_mask"], settings, [-1])  # never stops
     hook.remove()
-    assert lengths == [batch["input_ids"].shape[1], 1, 1, 1, 1]  # whole prompt once, then one token per step
+    # the prompt once (the prefill takes all its tokens but the last, generate's first step that one), then one token
+    # per step for the 4 new tokens after the first
+    assert lengths == [batch["input_ids"].shape[1] - 1, 1, 1, 1, 1, 1]
     assert [g.num_tokens for g in out] == [5, 5] and not any(g.stopped for g in out)
     assert model.training
+
+
+def uneven_batch(tokenizer, count: int = 6) -> dict:
+    """``count`` prompts of 31 to ~430 tokens (PROMPTS, repeated with a varying turn), left-padded."""
+    prompts = [[*p[:-1], {**p[-1], "content": p[-1]["content"] + " !" * i}] for i, p in enumerate(PROMPTS * 2)]
+    return batch_of(prompts[:count], tokenizer)
+
+
+def test_prefill_in_passes_lays_out_the_cache_generate_computes_in_one(tiny_model, tokenizer):
+    """The prompts prefilled in passes of similar length (less padding) give the keys and values that transformers'
+    own one-pass prefill of the padded batch gives, at every real token, zeros at the padding, and the same answers."""
+    from capyft import generation
+
+    model, batch = load_tiny(tiny_model).eval(), uneven_batch(tokenizer)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():  # a pad embedding of zeros would give zero keys at the padding without prefill's zeroing
+        model.get_input_embeddings().weight[tokenizer.pad_token_id].normal_()
+    # 6 prompts of 31-430 tokens in passes of <= 900 tokens: several passes, each padded to its own longest prompt
+    assert 1 < assert_prefill_matches_one_pass(model, ids, mask, max_tokens=900) < 6
+    settings, stops = GenerationSettings(max_new_tokens=12), end_of_turn_ids(tokenizer)
+    ours = generate(model, tokenizer, ids, mask, settings, stops)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    theirs = [generation.cut_at_stop(tokenizer, row, stops) for row in out[:, ids.shape[1] :].tolist()]
+    assert ours == theirs and len({g.text for g in ours}) > 1
+
+
+def test_compare_base_answers_both_models_in_one_batch_as_each_alone(tiny_model, tokenizer):
+    """With compare_base, tuned and base rows share one batch (peft's mixed batch): each model's answers are the ones
+    it gives in a batch of its own, and the adapter is not applied to the base rows."""
+    from capyft import generation
+    from capyft.modeling import build_lora_config, wrap_with_lora
+
+    model = wrap_with_lora(load_tiny(tiny_model), build_lora_config(r=4), gradient_checkpointing=False)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained-looking adapter: B is zero at initialisation, so it would change nothing
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    batch = uneven_batch(tokenizer) | {"row": list(range(6)), "prompt": [""] * 6, "reference": [""] * 6}
+    settings = GenerationSettings(max_new_tokens=10)
+    assert generation.mixed_batch_adapter(model) == "default"
+    calls = []
+    original = model.generate
+    model.generate = lambda **kwargs: calls.append(kwargs.get("adapter_names")) or original(**kwargs)
+    records, tokens = generation.answer_batch(model, tokenizer, batch, settings, compare_base=True)
+    assert calls == [["default"] * 6 + ["__base__"] * 6]  # one generate call, both models
+    args = (tokenizer, batch["input_ids"], batch["attention_mask"], settings, generation.stop_ids(tokenizer, model))
+    tuned = generate(model, *args)
+    with model.disable_adapter():
+        base = generate(model, *args)
+    assert [r["prediction"] for r in records] == [g.text for g in tuned]
+    assert [r["base_prediction"] for r in records] == [g.text for g in base]
+    assert [r["base_num_tokens"] for r in records] == [g.num_tokens for g in base]
+    assert tokens == sum(g.num_tokens for g in tuned + base)
+    assert [g.text for g in tuned] != [g.text for g in base]  # the adapter matters, so a mix-up would show
+    # the prefill of the mixed batch: each model's keys and values are its own (base rows without the adapter)
+    both = torch.cat([batch["input_ids"]] * 2), torch.cat([batch["attention_mask"]] * 2)
+    assert assert_prefill_matches_one_pass(model.eval(), *both, 900, calls[0]) > 2
+
+
+def test_prefill_leaves_models_it_cannot_lay_out_to_generate(tiny_model):
+    """Sliding windows (their cache keeps only the window) and single-token prompts: generate's own prefill."""
+    import transformers
+
+    from capyft import generation
+
+    config = transformers.MistralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        sliding_window=4,
+    )
+    mistral = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids, mask = torch.ones(2, 6, dtype=torch.long), torch.ones(2, 6, dtype=torch.long)
+    assert generation.prefill(mistral, ids, mask) is None
+    llama = load_tiny(tiny_model).eval()
+    assert generation.prefill(llama, ids[:, :1], mask[:, :1]) is None
+    assert generation.prefill(llama, ids, mask) is not None
 
 
 def chain_model(model_dir: Path, chain: list[int]):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_prefill_matches_one_pass
 
 from capyft.attention import PACKED_SDPA, PackedRow, check_packed_sdpa, packed_sdpa_attention
 from capyft.batching import ChatCollator
@@ -217,3 +218,39 @@ def test_unknown_logit_transform_is_refused():
     with pytest.raises(ConfigError, match=r"^model.model_name_or_path: llama transforms its output logits in a way "):
         check_logit_transform(model)
     assert not model.training  # left in the mode it came in
+
+
+# families whose cache is one full-attention layer per decoder layer: capyft prefills their prompts in passes
+FULL_ATTENTION = {"llama", "granite", "cohere"}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_generation_answers_as_the_models_own_generate(family, monkeypatch):
+    """capyft's generation (prompts prefilled in passes of similar length where the cache allows it, generate's own
+    prefill elsewhere) answers a left-padded batch with the tokens the model's own ``generate`` gives."""
+    from capyft import generation
+    from capyft.generation import GenerationSettings, cut_at_stop, generate, prefill
+
+    monkeypatch.setattr(generation, "PREFILL_TOKENS", 100)  # several passes: 7+12 tokens, 40, 55, 90
+    model = family_model(family)
+    with torch.no_grad():  # padding with a non-zero embedding, so padding keys are not zeros by themselves
+        model.get_input_embeddings().weight[0].normal_()
+    generator = torch.Generator().manual_seed(1)
+    lengths = [40, 7, 90, 12, 55]
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, -n:] = torch.randint(3, VOCAB, (n,), generator=generator)
+        mask[row, -n:] = 1
+    if family in FULL_ATTENTION:
+        assert assert_prefill_matches_one_pass(model, ids, mask, max_tokens=100) == 4  # 7+12, 40, 55, 90
+    else:
+        assert prefill(model, ids, mask) is None
+    tokenizer = type("Tokenizer", (), {"pad_token_id": 0, "decode": lambda self, ids, **kw: " ".join(map(str, ids))})()
+    ours = generate(model, tokenizer, ids, mask, GenerationSettings(max_new_tokens=8), [2])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=[2], pad_token_id=0
+        )
+    theirs = [cut_at_stop(tokenizer, row, [2]) for row in out[:, ids.shape[1] :].tolist()]
+    assert ours == theirs

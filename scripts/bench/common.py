@@ -9,6 +9,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -99,18 +100,36 @@ def environment() -> dict[str, Any]:
 
 
 def run_logged(command: list[str], log: Path, timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Runs ``command`` from the repository root with its output in ``log``; returns exit status and wall time."""
+    """Runs ``command`` from the repository root with its output in ``log``, each line prefixed with the seconds
+    since the start (where a whole command's time goes); returns exit status and wall time."""
     start = time.perf_counter()
     environ = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1", **(env or {})}
     paths = [str(REPO), str(REPO / "scripts"), environ.get("PYTHONPATH")]  # scripts/: bench.profile's callback
     environ["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     with log.open("w") as out:
+        process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=environ,
+            text=True,
+            errors="replace",
+        )
+        watchdog = threading.Timer(timeout, process.kill)
+        watchdog.start()
         try:
-            code = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=environ, timeout=timeout)
-            status = code.returncode
-        except subprocess.TimeoutExpired:
-            status = "timeout"
-    return {"status": status, "wall_s": round(time.perf_counter() - start, 2), "log": str(log)}
+            for line in process.stdout:
+                out.write(f"[{time.perf_counter() - start:7.1f}] {line}")
+            status = process.wait()
+        finally:
+            timed_out = not watchdog.is_alive()
+            watchdog.cancel()
+    return {
+        "status": "timeout" if timed_out else status,
+        "wall_s": round(time.perf_counter() - start, 2),
+        "log": str(log),
+    }
 
 
 def python() -> str:
