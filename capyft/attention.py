@@ -145,6 +145,8 @@ def packed_sdpa_attention(
         out, _ = torch.ops.capyft.varlen_causal_attention(q, k, v, cu_seq_lens, longest, scale)
         return out.unsqueeze(0), None
     with _without_cudnn_attention(query):
+        if not packed and _one_query_grouped(module, query, key, attention_mask, dropout, sliding_window):
+            return _grouped_decode_attention(query, key, value, attention_mask, scaling), None
         if not packed:
             if sliding_window is not None:
                 kwargs["sliding_window"] = sliding_window  # passed on; transformers' sdpa takes it from the mask
@@ -175,6 +177,50 @@ def packed_sdpa_attention(
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
             outputs.append(out)
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _one_query_grouped(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    sliding_window: int | None,
+) -> bool:
+    """Whether this is a decode step of grouped-query attention that :func:`_grouped_decode_attention` computes:
+    one new token a row, more query than key heads, no dropout or window, and a mask (if any) of one row per batch
+    row, ``(batch, 1, 1, keys)``, boolean or additive."""
+    if query.shape[2] != 1 or query.shape[1] == key.shape[1] or query.shape[1] % key.shape[1]:
+        return False
+    if dropout or sliding_window is not None or not getattr(module, "is_causal", True):
+        return False
+    return attention_mask is None or (
+        attention_mask.dim() == 4 and attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1
+    )
+
+
+def _grouped_decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+) -> torch.Tensor:
+    """A decode step's attention with grouped-query heads, without expanding the KV cache.
+
+    transformers' SDPA path copies each layer's keys and values once per query head that shares them
+    (``repeat_kv``) whenever there is a padding mask: for Llama-3.1-8B's 4 query heads per key head that writes and
+    reads four times the cache at every new token, most of a batched decode step's GPU time. With one query a row
+    there is no causal structure to keep, so the query heads of one key head become that head's "query positions":
+    ``(batch, heads, 1, dim)`` -> ``(batch, key heads, group, dim)``, attending to the cache as it is, the padding
+    mask broadcast over the group. The same scores and weights as the expanded heads (``tests/test_families.py``).
+    Returns ``(batch, 1, heads, dim)``, the layout transformers' attention functions return.
+    """
+    batch, heads, _, dim = query.shape
+    groups = heads // key.shape[1]
+    folded = query.reshape(batch, key.shape[1], groups, dim)  # head h = key head h // groups, as repeat_kv orders
+    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2)
 
 
 # ---- one variable-length flash call per layer ----------------------------------------------------------------

@@ -7,6 +7,7 @@ the newly generated tokens only, cut at the first end-of-turn or end-of-sequence
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -106,7 +107,9 @@ def generate(
     try:
         with torch.random.fork_rng(devices=devices), _autocast(model, input_ids.device):
             torch.manual_seed(seed)
-            cache = prefill(model, input_ids, attention_mask, adapter_names) if input_ids.shape[0] > 1 else None
+            cache = None
+            if input_ids.shape[0] > 1:
+                cache = prefill(model, input_ids, attention_mask, adapter_names, room=settings.max_new_tokens)
             if cache is not None:
                 extra[cache[0]] = cache[1]
             output = model.generate(
@@ -144,6 +147,7 @@ def prefill(
     attention_mask: torch.Tensor,
     adapter_names: list[str] | None = None,
     max_tokens: int | None = None,
+    room: int = 0,
 ) -> tuple[str, Any] | None:
     """The KV cache of every prompt token but the last, computed in sub-batches of similar length, laid out as
     transformers' ``generate`` would lay out the cache of the whole left-padded batch.
@@ -153,8 +157,9 @@ def prefill(
     rows are sorted by length and encoded in passes of at most ``max_tokens`` tokens, each padded only to its own
     longest prompt, with the position ids ``generate`` gives them (the count of real tokens before each). Their keys
     and values are copied right-aligned into one cache as long as the batch's prompt minus one token, zeros at the
-    padding; ``generate`` then feeds each row's last prompt token and decodes the whole batch at once. The answers
-    are the ones ``generate`` alone computes (``tests/test_evaluation.py``; padding aside, the same arithmetic).
+    padding, with ``room`` for the answer behind it; ``generate`` then feeds each row's last prompt token and decodes
+    the whole batch at once. The answers are the ones ``generate`` alone computes (``tests/test_evaluation.py``,
+    ``tests/test_families.py``; padding aside, the same arithmetic).
 
     Args:
         model: the causal LM, peft-wrapped or not, in eval mode, under the autocast ``generate`` runs in.
@@ -163,6 +168,8 @@ def prefill(
             base model's rows (``"__base__"``) run with the adapter disabled.
         max_tokens: most tokens (padding included) per pass, ``PREFILL_TOKENS`` by default; a longer prompt gets a
             pass of its own.
+        room: tokens of room left in each layer's cache for the answer (``max_new_tokens``): decoding writes
+            into it in place instead of copying the cache at every token.
 
     Returns:
         ``(name, cache)``: the keyword ``generate`` takes the cache by (``cache``, or ``past_key_values`` before
@@ -178,7 +185,7 @@ def prefill(
     names = adapter_names or [None] * rows
     lengths = attention_mask.sum(-1).tolist()
     order = sorted(range(rows), key=lambda row: (str(names[row]), lengths[row]))
-    keys: list[torch.Tensor] = []
+    keys: list[torch.Tensor] = []  # per layer: (rows, key heads, prompt - 1 + room, dim), the answer's room at the end
     values: list[torch.Tensor] = []
     for chunk in _prefill_chunks(order, lengths, names, max_tokens or PREFILL_TOKENS):
         longest = max(lengths[row] for row in chunk)
@@ -194,19 +201,51 @@ def prefill(
         keep = mask.bool()[:, None, :, None]  # padding slots get zeros, never an unmasked value
         for i, layer in enumerate(sub.layers):
             if i == len(keys):
-                shape = (rows, layer.keys.shape[1], length - 1, layer.keys.shape[-1])
-                keys.append(layer.keys.new_zeros(shape))
-                values.append(layer.values.new_zeros((*shape[:-1], layer.values.shape[-1])))
-            keys[i][index, :, start:] = torch.where(keep, layer.keys, 0)
-            values[i][index, :, start:] = torch.where(keep, layer.values, 0)
+                shape = (rows, layer.keys.shape[1], length - 1 + room)
+                keys.append(layer.keys.new_zeros((*shape, layer.keys.shape[-1])))
+                values.append(layer.values.new_zeros((*shape, layer.values.shape[-1])))
+            keys[i][index, :, start : length - 1] = torch.where(keep, layer.keys, 0)
+            values[i][index, :, start : length - 1] = torch.where(keep, layer.values, 0)
         del sub
     if not keys:
         return None
     cache = new_cache()
-    for i in range(len(keys)):
-        cache.update(keys[i], values[i], i)
-        keys[i] = values[i] = None  # type: ignore[call-overload]  # the cache holds its own copy now
+    cache.layers[:] = [_roomy_layer_class()(k, v, length - 1) for k, v in zip(keys, values)]
     return name, cache
+
+
+@functools.cache
+def _roomy_layer_class() -> type:
+    """A transformers ``DynamicLayer`` whose keys and values are views of buffers with room for the answer.
+
+    ``DynamicLayer`` appends a token with ``torch.cat``, a copy of the layer's whole cache at every new token: for a
+    batch of long prompts, twice the cache's bytes moved per step besides the attention's one read. Here a new token
+    is written into the room left after the prompt and the views grow; once the room is used up, or when
+    transformers replaces the tensors itself (cropping, reordering), the layer grows by ``torch.cat`` as before.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomyLayer(DynamicLayer):
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+            super().__init__()
+            self._buffers, self._length = (keys, values), length
+            self.device, self.is_initialized = keys.device, True
+            self.keys, self.values = keys[..., :length, :], values[..., :length, :]
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            buffers, end = self._buffers, self._length + key_states.shape[-2]
+            kept = buffers is not None and self.keys is not None and self.keys.data_ptr() == buffers[0].data_ptr()
+            kept = kept and self.keys.shape[-2] == self._length and self.keys.shape[0] == buffers[0].shape[0]
+            if not kept or end > buffers[0].shape[-2]:
+                self._buffers = None  # replaced, cropped or full: from here on, grow as transformers does
+                return super().update(key_states, value_states, *args, **kwargs)
+            buffers[0][..., self._length : end, :] = key_states
+            buffers[1][..., self._length : end, :] = value_states
+            self._length = end
+            self.keys, self.values = buffers[0][..., :end, :], buffers[1][..., :end, :]
+            return self.keys, self.values
+
+    return RoomyLayer
 
 
 def _prefill_chunks(order: list[int], lengths: list[int], names: list[Any], max_tokens: int) -> list[list[int]]:

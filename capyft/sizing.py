@@ -18,9 +18,8 @@ from capyft.generation import PREFILL_TOKENS
 # for little time saved.
 MAX_GENERATION_ROWS = 512
 # Share of the GPU memory left after the model loads that ``auto``'s generation batches may plan to use; the rest
-# covers what the estimate leaves out: a 4-bit layer's weight dequantized for its matmul, the copy of one layer's
-# cache as the prefilled cache is handed to ``generate``, and the caching allocator's fragmentation as the KV cache
-# grows a token at a time.
+# covers what the estimate leaves out: a 4-bit layer's weight dequantized for its matmul, and the caching
+# allocator's fragmentation.
 GENERATION_HEADROOM = 0.8
 
 

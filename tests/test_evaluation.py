@@ -120,6 +120,30 @@ def test_prefill_in_passes_lays_out_the_cache_generate_computes_in_one(tiny_mode
     assert ours == theirs and len({g.text for g in ours}) > 1
 
 
+def test_prefilled_cache_takes_the_answer_in_place_then_grows_as_transformers_does(tiny_model, tokenizer):
+    """Decoding writes each new token into the room the prefill left (no copy of the cache per token); past the
+    room, or once transformers replaces the tensors, the layer grows by concatenation, with the same contents."""
+    from capyft import generation
+
+    model, batch = load_tiny(tiny_model).eval(), uneven_batch(tokenizer, 3)
+    with torch.no_grad():
+        _, cache = generation.prefill(model, batch["input_ids"], batch["attention_mask"], room=2)
+    layer = cache.layers[0]
+    start, buffer = layer.get_seq_length(), layer.keys.data_ptr()
+    assert start == batch["input_ids"].shape[1] - 1
+    new = [torch.randn(3, layer.keys.shape[1], 1, layer.keys.shape[-1]) for _ in range(3)]
+    expected = torch.cat([layer.keys.clone(), *new], dim=-2)
+    for step, token in enumerate(new):
+        keys, _ = layer.update(token, token.clone())
+        assert layer.get_seq_length() == start + step + 1
+        assert (keys.data_ptr() == buffer) == (step < 2)  # in place while there is room
+    torch.testing.assert_close(layer.keys, expected, rtol=0, atol=0)
+    layer = cache.layers[1]
+    layer.keys, layer.values = layer.keys.clone(), layer.values.clone()  # replaced, as a crop or reorder would
+    keys, _ = layer.update(new[0], new[0])
+    assert keys.shape[-2] == start + 1 and torch.equal(keys[..., -1:, :], new[0])
+
+
 def test_compare_base_answers_both_models_in_one_batch_as_each_alone(tiny_model, tokenizer):
     """With compare_base, tuned and base rows share one batch (peft's mixed batch): each model's answers are the ones
     it gives in a batch of its own, and the adapter is not applied to the base rows."""

@@ -254,3 +254,33 @@ def test_generation_answers_as_the_models_own_generate(family, monkeypatch):
         )
     theirs = [cut_at_stop(tokenizer, row, [2]) for row in out[:, ids.shape[1] :].tolist()]
     assert ours == theirs
+    # and as transformers' own attention answers (capyft's decodes grouped heads without expanding the cache)
+    plain = family_model(family, "sdpa" if FAMILIES[family][2] == PACKED_SDPA else None)
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        out = plain.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=[2], pad_token_id=0
+        )
+    assert ours == [cut_at_stop(tokenizer, row, [2]) for row in out[:, ids.shape[1] :].tolist()]
+
+
+@pytest.mark.parametrize("mask", ["none", "bool", "additive"])
+def test_decode_attention_with_grouped_heads_equals_expanded_heads(mask):
+    """One new token a row: the grouped-query decode attention (no copy of the cache per query head) equals
+    transformers' SDPA attention over expanded heads, padding masks included."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 4
+    query, key, value = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 50, 16), torch.randn(3, 2, 50, 16)
+    keep = torch.ones(3, 1, 1, 50, dtype=torch.bool)
+    keep[0, ..., :20] = keep[2, ..., :45] = False  # left padding of 20 and 45 keys
+    attention_mask = {"none": None, "bool": keep, "additive": torch.zeros(keep.shape).masked_fill(~keep, -1e9)}[mask]
+    ours, _ = packed_sdpa_attention(module, query, key, value, attention_mask, scaling=0.3)
+    theirs, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=0.3)
+    assert ours.shape == theirs.shape == (3, 1, 8, 16)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    if mask != "none":  # the padding matters: attending to it would give other outputs
+        unmasked, _ = sdpa_attention_forward(module, query, key, value, None, scaling=0.3)
+        assert not torch.allclose(unmasked[0], theirs[0], atol=1e-3)

@@ -157,5 +157,5 @@ def test_prefill_in_passes_with_both_models_matches_one_pass_in_4_bit():
         mask[row, -n:] = 1
     names = ["default"] * len(lengths) + ["__base__"] * len(lengths)
     with _autocast(model, torch.device("cuda")):
-        passes = assert_prefill_matches_one_pass(model, ids.cuda(), mask.cuda(), 400, names, tolerance=2e-3)
+        passes = assert_prefill_matches_one_pass(model, ids.cuda(), mask.cuda(), 400, names, tolerance=1e-2)
     assert passes >= 4
