@@ -21,7 +21,7 @@ from capyft.data import (
     trained_token_counts,
     truncation_message,
 )
-from capyft.generation import GenerationSettings, mixed_batch_adapter
+from capyft.generation import GenerationSettings
 from capyft.modeling import load_tokenizer
 from capyft.sizing import (
     GENERATION_HEADROOM,
@@ -324,11 +324,9 @@ class ChatDataModule(L.LightningDataModule):
             max_new_tokens = GenerationSettings.max_new_tokens
         memory = GenerationMemory.from_config(model.config)
         budget = int(GENERATION_HEADROOM * usable_gpu_memory(device))
-        # with compare_base, a peft LoRA model's base answers share the batch (generation.answer_batch): 2 rows a prompt
-        answers = 2 if getattr(module, "compare_base", False) and mixed_batch_adapter(model) else 1
-        plan = generation_batches(lengths, max_new_tokens, memory, budget, answers_per_prompt=answers)
+        plan = generation_batches(lengths, max_new_tokens, memory, budget)
         where = f" (rank {trainer.global_rank})" if trainer.world_size > 1 else ""
-        if lengths and memory.batch_bytes(answers, max(lengths), max_new_tokens) > budget:
+        if lengths and memory.batch_bytes(1, max(lengths), max_new_tokens) > budget:
             log.warning(
                 "data.eval_batch_size auto%s: the longest prompt (%d tokens + %d new) needs about %.2f GiB to "
                 "generate, more than the %.2f GiB budget of free GPU memory; it runs alone and may run out of "
@@ -336,12 +334,12 @@ class ChatDataModule(L.LightningDataModule):
                 where,
                 max(lengths),
                 max_new_tokens,
-                memory.batch_bytes(answers, max(lengths), max_new_tokens) / 2**30,
+                memory.batch_bytes(1, max(lengths), max_new_tokens) / 2**30,
                 budget / 2**30,
             )
         log.info(
             "data.eval_batch_size auto%s: %d prompts in %d generation batches of at most %d (memory budget %.1f GiB, "
-            "%s tokens of KV cache at %d KiB a token; %d new tokens a prompt%s)",
+            "%s tokens of KV cache at %d KiB a token; %d new tokens a prompt)",
             where,
             len(lengths),
             len(plan),
@@ -350,7 +348,6 @@ class ChatDataModule(L.LightningDataModule):
             f"{budget // memory.kv_per_token:,}",
             memory.kv_per_token // 1024,
             max_new_tokens,
-            "; the base model answers in the same batches" if answers == 2 else "",
         )
         return [[indices[position] for position in batch] for batch in plan]
 

@@ -19,8 +19,6 @@ import torch
 # answers are then decoded for the whole batch at once. 16k tokens keep a Llama-3.1-8B prefill pass near the
 # GPU's speed and its transients at ~2.3 GiB (:class:`capyft.sizing.GenerationMemory` counts them).
 PREFILL_TOKENS = 16384
-# The adapter name peft reads as "no adapter" in a mixed batch (``adapter_names``), for the base model's rows.
-BASE_ADAPTER = "__base__"
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,6 @@ def generate(
     stop_ids: list[int],
     seed: int = 0,
     streamer: Any = None,
-    adapter_names: list[str] | None = None,
 ) -> list[Generated]:
     """Answers a batch of left-padded prompts with the KV cache; one :class:`Generated` per row, in row order.
 
@@ -87,8 +84,6 @@ def generate(
         seed: seeds sampling (ignored when greedy); the global RNG state is restored afterwards.
         streamer: a transformers streamer (e.g. ``TextStreamer``) that receives the tokens as they are generated
             (batch of one; ``chat`` prints the answer with it).
-        adapter_names: a peft LoRA model's adapter per row (peft's mixed batch): its active adapter, or
-            ``"__base__"`` for the base model; None: the model as it is.
 
     Raises:
         ValueError: the prompts are padded on the right, or ``max_new_tokens`` is not positive.
@@ -100,7 +95,7 @@ def generate(
     sampling = {}
     if settings.do_sample:
         sampling = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
-    extra: dict[str, Any] = {} if adapter_names is None else {"adapter_names": list(adapter_names)}
+    extra: dict[str, Any] = {}
     was_training = model.training
     model.eval()
     devices = [input_ids.device] if input_ids.device.type == "cuda" else []
@@ -109,7 +104,7 @@ def generate(
             torch.manual_seed(seed)
             cache = None
             if input_ids.shape[0] > 1:
-                cache = prefill(model, input_ids, attention_mask, adapter_names, room=settings.max_new_tokens)
+                cache = prefill(model, input_ids, attention_mask, room=settings.max_new_tokens)
             if cache is not None:
                 extra[cache[0]] = cache[1]
             output = model.generate(
@@ -145,7 +140,6 @@ def prefill(
     model: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    adapter_names: list[str] | None = None,
     max_tokens: int | None = None,
     room: int = 0,
 ) -> tuple[str, Any] | None:
@@ -164,8 +158,6 @@ def prefill(
     Args:
         model: the causal LM, peft-wrapped or not, in eval mode, under the autocast ``generate`` runs in.
         input_ids, attention_mask: the left-padded batch.
-        adapter_names: each row's adapter in a peft mixed batch; a sub-batch then holds one adapter's rows, and the
-            base model's rows (``"__base__"``) run with the adapter disabled.
         max_tokens: most tokens (padding included) per pass, ``PREFILL_TOKENS`` by default; a longer prompt gets a
             pass of its own.
         room: tokens of room left in each layer's cache for the answer (``max_new_tokens``): decoding writes
@@ -182,12 +174,11 @@ def prefill(
     if target is None or length < 2:
         return None
     decoder, name, new_cache = target
-    names = adapter_names or [None] * rows
     lengths = attention_mask.sum(-1).tolist()
-    order = sorted(range(rows), key=lambda row: (str(names[row]), lengths[row]))
+    order = sorted(range(rows), key=lengths.__getitem__)
     keys: list[torch.Tensor] = []  # per layer: (rows, key heads, prompt - 1 + room, dim), the answer's room at the end
     values: list[torch.Tensor] = []
-    for chunk in _prefill_chunks(order, lengths, names, max_tokens or PREFILL_TOKENS):
+    for chunk in _prefill_chunks(order, lengths, max_tokens or PREFILL_TOKENS):
         longest = max(lengths[row] for row in chunk)
         if longest < 2:
             continue  # these rows have only the token generate feeds: no cache entry
@@ -196,8 +187,7 @@ def prefill(
         ids, mask = input_ids[index, start:-1], attention_mask[index, start:-1]
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         sub = new_cache()
-        with _adapter(model, names[chunk[0]]):
-            decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{name: sub})
+        decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{name: sub})
         keep = mask.bool()[:, None, :, None]  # padding slots get zeros, never an unmasked value
         for i, layer in enumerate(sub.layers):
             if i == len(keys):
@@ -248,14 +238,13 @@ def _roomy_layer_class() -> type:
     return RoomyLayer
 
 
-def _prefill_chunks(order: list[int], lengths: list[int], names: list[Any], max_tokens: int) -> list[list[int]]:
-    """Consecutive rows of ``order`` (sorted by adapter, then length) in passes of one adapter whose padded size,
-    rows x longest prompt, stays within ``max_tokens``; a prompt longer than that gets a pass of its own."""
+def _prefill_chunks(order: list[int], lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive rows of ``order`` (shortest prompt first) in passes whose padded size, rows x longest prompt,
+    stays within ``max_tokens``; a prompt longer than that gets a pass of its own."""
     chunks: list[list[int]] = []
     for row in order:
-        chunk = chunks[-1] if chunks else None
-        if chunk and names[chunk[0]] == names[row] and (len(chunk) + 1) * lengths[row] <= max_tokens:
-            chunk.append(row)
+        if chunks and (len(chunks[-1]) + 1) * lengths[row] <= max_tokens:
+            chunks[-1].append(row)
         else:
             chunks.append([row])
     return chunks
@@ -285,11 +274,6 @@ def _prefill_target(model: Any) -> tuple[Any, str, Any] | None:
     if not layers or any(type(layer) is not DynamicLayer for layer in layers):
         return None  # sliding-window, chunked, hybrid or recurrent layers: generate's own prefill
     return decoder, name, lambda: DynamicCache(config=base.config)
-
-
-def _adapter(model: Any, name: str | None) -> Any:
-    """The context a prefill pass of one adapter's rows runs in: the adapter disabled for the base model's rows."""
-    return model.disable_adapter() if name == BASE_ADAPTER else contextlib.nullcontext()
 
 
 def stop_ids(tokenizer: Any, model: Any = None) -> list[int]:
@@ -328,26 +312,16 @@ def answer_batch(
     """Answers a prompt batch (``PromptCollator``'s: ids, mask, rows, prompts, references) with the model and, with
     ``compare_base``, again with its adapter disabled; one record per prompt and the number of tokens generated.
 
-    With ``compare_base`` on a peft LoRA model, both models answer in one batch of twice the rows (peft's mixed
-    batch: the base model's rows skip the adapter), so the decode steps, bound by the host's per-step work, run once
-    rather than twice. Each row computes what it computes alone (``tests/test_evaluation.py``). Sampling is seeded
-    with ``settings.seed`` plus the batch's first row id, so an answer does not depend on which batches ran before it.
+    Sampling is seeded with ``settings.seed`` plus the batch's first row id, so an answer does not depend on which
+    batches ran before it.
     """
     args = (tokenizer, batch["input_ids"], batch["attention_mask"], settings)
     stops, seed = stop_ids(tokenizer, model), settings.seed + min(batch["row"])
-    adapter = mixed_batch_adapter(model) if compare_base else None
-    if adapter is not None:
-        rows = len(batch["row"])
-        both = torch.cat([batch["input_ids"], batch["input_ids"]]), torch.cat([batch["attention_mask"]] * 2)
-        names = [adapter] * rows + [BASE_ADAPTER] * rows
-        answers = generate(model, tokenizer, *both, settings, stops, seed, adapter_names=names)
-        tuned, base = answers[:rows], answers[rows:]
-    else:
-        tuned = generate(model, *args, stops, seed)
-        base = [None] * len(tuned)
-        if compare_base:
-            with model.disable_adapter():
-                base = generate(model, *args, stops, seed)
+    tuned = generate(model, *args, stops, seed)
+    base: list[Any] = [None] * len(tuned)
+    if compare_base:
+        with model.disable_adapter():
+            base = generate(model, *args, stops, seed)
     fields = zip(batch["row"], batch["prompt"], batch["reference"], tuned, base)
     records = [
         {"row": row, "prompt": prompt, "reference": reference, "prediction": t.text}
@@ -357,18 +331,3 @@ def answer_batch(
         for row, prompt, reference, t, b in fields
     ]
     return records, sum(g.num_tokens for g in [*tuned, *base] if g)
-
-
-def mixed_batch_adapter(model: Any) -> str | None:
-    """The adapter a peft LoRA model answers with when one batch holds both models' rows, or None where peft's mixed
-    batch does not apply (not a LoRA model, several active adapters, or an adapter variant such as DoRA)."""
-    config = getattr(model, "peft_config", None)
-    active = getattr(model, "active_adapters", None)
-    if not isinstance(config, dict) or not isinstance(active, list) or len(active) != 1 or active[0] not in config:
-        return None
-    adapter = config[active[0]]
-    if getattr(adapter, "peft_type", None) is None or str(getattr(adapter.peft_type, "value", "")) != "LORA":
-        return None
-    if getattr(adapter, "use_dora", False) or any(getattr(m, "merged", False) for m in model.modules()):
-        return None  # peft refuses mixed batches with DoRA or merged weights
-    return active[0]

@@ -12,11 +12,10 @@ import torch
 
 from capyft.generation import PREFILL_TOKENS
 
-# Most rows (answers: a prompt counts twice when the base model answers it too) per generation batch with
-# ``eval_batch_size: auto``. A decode step is bound by host overhead up to a few hundred rows (Llama-3.1-8B 4-bit on
-# an H200: ~125 ms a step at 64 and at 200 rows), so larger batches would add memory (and the risk of running out)
-# for little time saved.
-MAX_GENERATION_ROWS = 512
+# Most prompts per generation batch with ``eval_batch_size: auto``: a bound on the KV cache one batch holds (and on
+# the risk of running out) that still takes the reference case's 200 test prompts in one batch, which Llama-3.1-8B
+# 4-bit decodes at ~77 ms a step on an H200 (2026-11-29).
+MAX_GENERATION_ROWS = 256
 # Share of the GPU memory left after the model loads that ``auto``'s generation batches may plan to use; the rest
 # covers what the estimate leaves out: a 4-bit layer's weight dequantized for its matmul, and the caching
 # allocator's fragmentation.
@@ -140,12 +139,11 @@ def generation_batches(
     memory: GenerationMemory,
     budget_bytes: int,
     max_rows: int = MAX_GENERATION_ROWS,
-    answers_per_prompt: int = 1,
 ) -> list[list[int]]:
     """Splits prompts, in their given order, into batches of consecutive prompts whose generation fits a budget.
 
-    Greedy: a batch takes the next prompt while its rows (``answers_per_prompt`` a prompt) stay within ``max_rows``
-    and :meth:`GenerationMemory.batch_bytes` of the grown batch (padded to its longest prompt) stays within
+    Greedy: a batch takes the next prompt while it holds fewer than ``max_rows`` and
+    :meth:`GenerationMemory.batch_bytes` of the grown batch (padded to its longest prompt) stays within
     ``budget_bytes``. A prompt that needs more than the budget alone still gets a batch of its own. With the prompts
     longest first, as the prompt loader orders them, the batches grow as the prompts shorten.
 
@@ -154,23 +152,21 @@ def generation_batches(
         max_new_tokens: most tokens generated per answer.
         memory: the model's per-token and per-row costs.
         budget_bytes: GPU memory one batch may use.
-        max_rows: most rows (answers) per batch.
-        answers_per_prompt: rows a prompt takes: 2 when the base model answers it in the same batch
-            (``compare_base``, :func:`capyft.generation.answer_batch`), else 1.
+        max_rows: most prompts per batch.
 
     Returns:
         Each batch's positions in ``lengths``: every position once, in order.
     """
-    if max_rows < 1 or answers_per_prompt < 1:
-        raise ValueError(f"max_rows and answers_per_prompt must be >= 1, got {max_rows} and {answers_per_prompt}")
-    per_batch = max(max_rows // answers_per_prompt, 1)
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     batches: list[list[int]] = []
     batch: list[int] = []
     longest = 0
     for position, length in enumerate(lengths):
         grown = max(longest, length)
-        rows = answers_per_prompt * (len(batch) + 1)
-        if batch and (len(batch) >= per_batch or memory.batch_bytes(rows, grown, max_new_tokens) > budget_bytes):
+        if batch and (
+            len(batch) >= max_rows or memory.batch_bytes(len(batch) + 1, grown, max_new_tokens) > budget_bytes
+        ):
             batches.append(batch)
             batch, grown = [], length
         batch.append(position)

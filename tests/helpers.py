@@ -119,16 +119,10 @@ def texts(run: Path, tag: str) -> dict[int, str]:
     return values
 
 
-def assert_prefill_matches_one_pass(
-    model, input_ids, attention_mask, max_tokens: int, adapter_names=None, tolerance: float = 1e-5
-) -> int:
+def assert_prefill_matches_one_pass(model, input_ids, attention_mask, max_tokens: int, tolerance: float = 1e-5) -> int:
     """:func:`capyft.generation.prefill` in passes of ``max_tokens`` against the model's own one-pass prefill of the
     padded batch (the position ids ``generate`` gives): the same keys and values at every real token, zeros at the
-    padding. With ``adapter_names`` (a peft mixed batch), the one-pass reference runs each adapter's rows apart, the
-    base model's with the adapter disabled. Returns the number of passes prefill made (the decoder's forward calls).
-    """
-    import contextlib
-
+    padding. Returns the number of passes prefill made (the decoder's forward calls)."""
     import torch
     from transformers import DynamicCache
 
@@ -138,25 +132,19 @@ def assert_prefill_matches_one_pass(
     passes = []
     hook = decoder.register_forward_pre_hook(lambda m, args, kwargs: passes.append(1), with_kwargs=True)
     with torch.no_grad():
-        name, cache = prefill(model, input_ids, attention_mask, adapter_names, max_tokens=max_tokens)
+        name, cache = prefill(model, input_ids, attention_mask, max_tokens=max_tokens)
     hook.remove()
-    names = adapter_names or [None] * len(input_ids)
+    own = DynamicCache()
     mask = attention_mask[:, :-1]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        model(input_ids=input_ids[:, :-1], attention_mask=mask, position_ids=positions, use_cache=True, **{name: own})
     real = mask.bool()
-    for adapter in dict.fromkeys(names):
-        rows = torch.tensor([i for i, n in enumerate(names) if n == adapter], device=input_ids.device)
-        own = DynamicCache()
-        off = model.disable_adapter() if adapter == "__base__" else contextlib.nullcontext()
-        with torch.no_grad(), off:
-            args = {"attention_mask": mask[rows], "position_ids": positions[rows], name: own}
-            model(input_ids=input_ids[rows, :-1], use_cache=True, **args)
-        assert len(cache.layers) == len(own.layers)
-        for mine, theirs in zip(cache.layers, own.layers):
-            for a, b in ((mine.keys[rows], theirs.keys), (mine.values[rows], theirs.values)):
-                assert a.shape == b.shape
-                here = real[rows]
-                a, b = a.transpose(1, 2), b.transpose(1, 2)
-                torch.testing.assert_close(a[here], b[here], rtol=tolerance, atol=tolerance)
-                assert not a[~here].any()
+    assert len(cache.layers) == len(own.layers)
+    for mine, theirs in zip(cache.layers, own.layers):
+        for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+            assert a.shape == b.shape
+            a, b = a.transpose(1, 2), b.transpose(1, 2)
+            torch.testing.assert_close(a[real], b[real], rtol=tolerance, atol=tolerance)
+            assert not a[~real].any()
     return len(passes)

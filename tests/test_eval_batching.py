@@ -85,33 +85,11 @@ def test_a_budget_smaller_than_one_prompt_gives_one_prompt_per_batch():
 
 
 def test_rows_per_batch_are_capped():
-    assert MAX_GENERATION_ROWS == 512
-    assert [len(b) for b in generation_batches([50] * 600, 100, MEMORY, 10**15)] == [512, 88]
-    # a prompt the base model answers too takes two rows
-    assert [len(b) for b in generation_batches([50] * 600, 100, MEMORY, 10**15, answers_per_prompt=2)] == [256] * 2 + [
-        88
-    ]
+    assert [len(b) for b in generation_batches([50] * 600, 100, MEMORY, 10**15)] == [256, 256, 88]
     assert generation_batches([50] * 3, 100, MEMORY, 10**15, max_rows=1) == [[0], [1], [2]]
-    assert generation_batches([50] * 3, 100, MEMORY, 10**15, max_rows=1, answers_per_prompt=2) == [[0], [1], [2]]
     assert generation_batches([], 100, MEMORY, GiB) == []
-    with pytest.raises(ValueError, match="max_rows and answers_per_prompt must be >= 1"):
+    with pytest.raises(ValueError, match="max_rows must be >= 1"):
         generation_batches([50], 100, MEMORY, GiB, max_rows=0)
-    with pytest.raises(ValueError, match="max_rows and answers_per_prompt must be >= 1"):
-        generation_batches([50], 100, MEMORY, GiB, answers_per_prompt=0)
-
-
-def test_two_answers_a_prompt_plan_for_twice_the_rows():
-    lengths = prompt_lengths()
-    for budget in (2 * GiB, 8 * GiB, 40 * GiB):
-        plan = generation_batches(lengths, 100, MEMORY, budget, answers_per_prompt=2)
-        assert [position for batch in plan for position in batch] == list(range(len(lengths)))
-        for batch, following in zip(plan, [*plan[1:], None]):
-            longest = max(lengths[p] for p in batch)
-            assert len(batch) == 1 or MEMORY.batch_bytes(2 * len(batch), longest, 100) <= budget
-            if following:
-                grown = MEMORY.batch_bytes(2 * len(batch) + 2, max(longest, lengths[following[0]]), 100)
-                assert grown > budget or 2 * len(batch) == MAX_GENERATION_ROWS
-        assert len(plan) > len(generation_batches(lengths, 100, MEMORY, budget))
 
 
 def test_memory_estimate_from_the_model_config():
@@ -143,17 +121,10 @@ def test_memory_estimate_from_the_model_config():
 class StandInTrainer:
     """What the data module reads of a trainer: rank, world size, device and the LightningModule's model."""
 
-    def __init__(
-        self, device="cuda", rank=0, world_size=1, model=True, generation=None, compare_base=False, lora=False
-    ):
+    def __init__(self, device="cuda", rank=0, world_size=1, model=True, generation=None):
         self.global_rank, self.world_size = rank, world_size
         self.strategy = SimpleNamespace(root_device=torch.device(device))
-        stand_in = SimpleNamespace(config=llama_8b_config(), modules=lambda: [])
-        if lora:  # what generation.mixed_batch_adapter reads of a peft LoRA model
-            from peft import LoraConfig
-
-            stand_in.peft_config, stand_in.active_adapters = {"default": LoraConfig()}, ["default"]
-        self.lightning_module = SimpleNamespace(model=stand_in if model else None, compare_base=compare_base)
+        self.lightning_module = SimpleNamespace(model=SimpleNamespace(config=llama_8b_config()) if model else None)
         if generation is not None:
             self.lightning_module.generation = generation
 
@@ -247,23 +218,6 @@ def test_auto_on_a_gpu_sizes_batches_to_its_free_memory(auto_data, free_memory, 
         assert message in caplog.text and f"{new} new tokens a prompt" in caplog.text
         counts.append(len(batches))
     assert counts[0] > counts[1] > counts[2] >= 1
-
-
-def test_auto_plans_two_rows_a_prompt_when_the_base_model_answers_in_the_same_batch(auto_data, free_memory, caplog):
-    rows, lengths = rows_and_lengths(auto_data)
-    free_memory(int(2.5 * GiB))
-    budget = int(GENERATION_HEADROOM * int(2.5 * GiB))
-    with caplog.at_level(logging.INFO, logger="capyft.datamodule"):
-        both = loader_rows(auto_data, StandInTrainer("cuda", compare_base=True, lora=True))
-    assert [len(b) for b in both] == [
-        len(b) for b in generation_batches(lengths, 100, MEMORY, budget, answers_per_prompt=2)
-    ]
-    assert [row for batch in both for row in batch] == rows
-    assert "the base model answers in the same batches" in caplog.text
-    alone = loader_rows(auto_data, StandInTrainer("cuda", compare_base=False, lora=True))
-    assert len(both) > len(alone) == len(generation_batches(lengths, 100, MEMORY, budget))
-    # a model peft cannot mix (not LoRA): the base model answers in a batch of its own, one row a prompt
-    assert loader_rows(auto_data, StandInTrainer("cuda", compare_base=True)) == alone
 
 
 def test_auto_shards_the_sorted_prompts_across_ranks(auto_data, free_memory):

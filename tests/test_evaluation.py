@@ -144,40 +144,6 @@ def test_prefilled_cache_takes_the_answer_in_place_then_grows_as_transformers_do
     assert keys.shape[-2] == start + 1 and torch.equal(keys[..., -1:, :], new[0])
 
 
-def test_compare_base_answers_both_models_in_one_batch_as_each_alone(tiny_model, tokenizer):
-    """With compare_base, tuned and base rows share one batch (peft's mixed batch): each model's answers are the ones
-    it gives in a batch of its own, and the adapter is not applied to the base rows."""
-    from capyft import generation
-    from capyft.modeling import build_lora_config, wrap_with_lora
-
-    model = wrap_with_lora(load_tiny(tiny_model), build_lora_config(r=4), gradient_checkpointing=False)
-    torch.manual_seed(0)
-    with torch.no_grad():  # a trained-looking adapter: B is zero at initialisation, so it would change nothing
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    batch = uneven_batch(tokenizer) | {"row": list(range(6)), "prompt": [""] * 6, "reference": [""] * 6}
-    settings = GenerationSettings(max_new_tokens=10)
-    assert generation.mixed_batch_adapter(model) == "default"
-    calls = []
-    original = model.generate
-    model.generate = lambda **kwargs: calls.append(kwargs.get("adapter_names")) or original(**kwargs)
-    records, tokens = generation.answer_batch(model, tokenizer, batch, settings, compare_base=True)
-    assert calls == [["default"] * 6 + ["__base__"] * 6]  # one generate call, both models
-    args = (tokenizer, batch["input_ids"], batch["attention_mask"], settings, generation.stop_ids(tokenizer, model))
-    tuned = generate(model, *args)
-    with model.disable_adapter():
-        base = generate(model, *args)
-    assert [r["prediction"] for r in records] == [g.text for g in tuned]
-    assert [r["base_prediction"] for r in records] == [g.text for g in base]
-    assert [r["base_num_tokens"] for r in records] == [g.num_tokens for g in base]
-    assert tokens == sum(g.num_tokens for g in tuned + base)
-    assert [g.text for g in tuned] != [g.text for g in base]  # the adapter matters, so a mix-up would show
-    # the prefill of the mixed batch: each model's keys and values are its own (base rows without the adapter)
-    both = torch.cat([batch["input_ids"]] * 2), torch.cat([batch["attention_mask"]] * 2)
-    assert assert_prefill_matches_one_pass(model.eval(), *both, 900, calls[0]) > 2
-
-
 def test_prefill_leaves_models_it_cannot_lay_out_to_generate(tiny_model):
     """Sliding windows (their cache keeps only the window) and single-token prompts: generate's own prefill."""
     import transformers

@@ -5,7 +5,7 @@ and times ``capyft.generation`` against transformers' own ``generate`` on the sa
 the decode steps and one lever from another. Two factors: the prefill (transformers' one pass over the padded batch
 and a cache that grows by concatenation, or capyft's passes of similar length into a cache with room for the answer)
 and the decode attention (transformers' SDPA, which copies the cache once per grouped query head under a padding
-mask, or capyft's grouped decode attention); plus both models in one mixed batch (``compare_base``).
+mask, or capyft's grouped decode attention); plus both models one after the other (``compare_base``).
 
     python scripts/bench/generation_lab.py --checkpoint DIR --data conversations.jsonl --out lab.json
 
@@ -111,7 +111,7 @@ def main() -> None:
         "transformers prefill, grouped decode attention": (False, True, False),
         "capyft prefill + room, transformers attention": (True, False, False),
         "capyft prefill + room, grouped decode attention (now)": (True, True, False),
-        "now, tuned + base in one batch (2 rows a prompt)": (True, True, True),
+        "now, tuned then base (compare_base)": (True, True, True),
     }
     for label, (capyft_prefill, fold, both) in variants.items():
         with contextlib.suppress(torch.cuda.OutOfMemoryError):
