@@ -213,7 +213,8 @@ def _grouped_decode_attention(
     reads four times the cache at every new token, most of a batched decode step's GPU time. With one query a row
     there is no causal structure to keep, so the query heads of one key head become that head's "query positions":
     ``(batch, heads, 1, dim)`` -> ``(batch, key heads, group, dim)``, attending to the cache as it is, the padding
-    mask broadcast over the group. The same scores and weights as the expanded heads (``tests/test_families.py``).
+    mask broadcast over the group. The same scores and weights as the expanded heads, to float rounding
+    (``tests/test_families.py``).
     Returns ``(batch, 1, heads, dim)``, the layout transformers' attention functions return.
     """
     batch, heads, _, dim = query.shape
