@@ -262,8 +262,8 @@ def _prefill_target(model: Any) -> tuple[Any, str, Any] | None:
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     if decoder is None or decoder is base or getattr(base.config, "is_encoder_decoder", False):
         return None
-    if any(type(m).__name__ in ("FullyShardedDataParallel", "FSDPModule") for m in model.modules()):
-        return None
+    if any(type(m).__name__.startswith(("FullyShardedDataParallel", "FSDP")) for m in model.modules()):
+        return None  # FSDP's units gather their shards in forward hooks of the modules it wrapped
     parameters = inspect.signature(decoder.forward).parameters
     name = next((n for n in ("cache", "past_key_values") if n in parameters), None)
     if name is None or "position_ids" not in parameters:
