@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--new", type=int, default=30)
     parser.add_argument("--device", default="cuda", help="cpu: a check that the script runs (4-bit off)")
+    parser.add_argument(
+        "--profile", action="store_true", help="instead of the variants: profile today's path (prefill + --new tokens)"
+    )
     args = parser.parse_args()
 
     from capyft import generation
@@ -106,6 +109,11 @@ def main() -> None:
             torch.cuda.empty_cache()
         return out
 
+    if args.profile:
+        result["profile"] = profile(lambda: run("now", args.new, True, True, False), cuda)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1), flush=True)
+        return
     variants = {
         "transformers prefill, transformers attention (before)": (False, False, False),
         "transformers prefill, grouped decode attention": (False, True, False),
@@ -128,6 +136,30 @@ def main() -> None:
             }
         Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1), flush=True)
+
+
+def profile(work, cuda: bool) -> dict:
+    """Runs ``work`` once to warm up, then under torch's profiler: wall time, the GPU's kernel time and the
+    operators and kernels that take the most time (host and GPU)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    work()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    begin = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        work()
+    wall = time.perf_counter() - begin
+    events = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+    by_host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    by_device = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:15]
+    return {
+        "wall_s": round(wall, 3),
+        "gpu_kernel_s": round(device_us / 1e6, 3),
+        "host_ops_by_self_cpu_ms": {e.key[:90]: [round(e.self_cpu_time_total / 1e3, 1), e.count] for e in by_host},
+        "by_self_device_ms": {e.key[:90]: [round(e.self_device_time_total / 1e3, 1), e.count] for e in by_device},
+    }
 
 
 if __name__ == "__main__":
