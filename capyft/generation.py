@@ -95,18 +95,15 @@ def generate(
     sampling = {}
     if settings.do_sample:
         sampling = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
-    extra: dict[str, Any] = {}
     was_training = model.training
     model.eval()
     devices = [input_ids.device] if input_ids.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices), _autocast(model, input_ids.device):
             torch.manual_seed(seed)
-            cache = None
-            if input_ids.shape[0] > 1:
-                cache = prefill(model, input_ids, attention_mask, room=settings.max_new_tokens)
-            if cache is not None:
-                extra[cache[0]] = cache[1]
+            cache = (
+                prefill(model, input_ids, attention_mask, room=settings.max_new_tokens) if len(input_ids) > 1 else None
+            )
             output = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -118,7 +115,7 @@ def generate(
                 use_cache=True,
                 streamer=streamer,
                 **sampling,
-                **extra,
+                **dict([cache] if cache else []),  # the prefilled cache under the keyword generate takes
             )
     finally:
         model.train(was_training)
