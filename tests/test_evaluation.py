@@ -120,6 +120,49 @@ def test_prefill_in_passes_lays_out_the_cache_generate_computes_in_one(tiny_mode
     assert ours == theirs and len({g.text for g in ours}) > 1
 
 
+def test_greedy_decode_over_a_fixed_cache_gives_generates_tokens_stops_and_padding(tiny_model, tokenizer):
+    """decode_greedy (a cache of fixed shape, a mask opening one slot per step: what a CUDA graph replays) returns
+    the tokens transformers' greedy generate returns, token for token: rows that stop early get padding after their
+    stop token while the others go on, and the batch ends once every row has stopped."""
+    from capyft import generation
+
+    model, batch = load_tiny(tiny_model).eval(), uneven_batch(tokenizer)
+    ids, mask, pad = batch["input_ids"], batch["attention_mask"], tokenizer.pad_token_id
+
+    def theirs(stops: list[int], new: int) -> torch.Tensor:
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new,
+                do_sample=False,
+                eos_token_id=stops,
+                pad_token_id=pad,
+            )
+        return out[:, ids.shape[1] :]
+
+    def ours(stops: list[int], new: int) -> torch.Tensor:
+        settings = GenerationSettings(max_new_tokens=new)
+        with torch.no_grad():
+            filled = generation._prefilled(model, ids, mask, 900, new)
+            return generation.decode_greedy(model, filled, ids, mask, settings, stops, pad)
+
+    free = theirs([-1], 12)
+    assert len({tuple(row) for row in free.tolist()}) > 1
+    torch.testing.assert_close(ours([-1], 12), free, rtol=0, atol=0)
+    stop = int(free[0, 3])  # row 0 stops at its 4th token; rows without that token run to the end
+    expected = theirs([stop], 12)
+    got = ours([stop], 12)
+    assert (expected == pad).any() and not (expected[:, -1] == pad).all()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # every row's first token a stop: generate ends after one step, the fixed loop at its next check, all padding
+    firsts = sorted({int(t) for t in free[:, 0]})
+    expected, got = theirs(firsts, 12), ours(firsts, 12)
+    assert expected.shape[1] == 1 and got.shape[1] == generation.STOP_CHECK_EVERY
+    torch.testing.assert_close(got[:, :1], expected, rtol=0, atol=0)
+    assert (got[:, 1:] == pad).all()
+
+
 def test_prefilled_cache_takes_the_answer_in_place_then_grows_as_transformers_does(tiny_model, tokenizer):
     """Decoding writes each new token into the room the prefill left (no copy of the cache per token); past the
     room, or once transformers replaces the tensors, the layer grows by concatenation, with the same contents."""

@@ -8,6 +8,8 @@ varlen kernel with the per-conversation loop (``sdpa_packed_loop``), compiled la
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from test_packing import conversations, load_bench, tiny_llama_config
@@ -160,3 +162,44 @@ def test_prefill_in_passes_matches_one_pass_in_4_bit_for_both_models():
         assert assert_prefill_matches_one_pass(model, ids, mask, 400, tolerance=1e-2) >= 3
         with model.disable_adapter():
             assert assert_prefill_matches_one_pass(model, ids, mask, 400, tolerance=1e-2) >= 3
+
+
+def test_cuda_graph_decode_steps_give_the_eager_steps_tokens_for_both_models(monkeypatch):
+    """The test hook's decode on the GPU (bitsandbytes 4-bit, fp16 autocast), with the adapter and with it disabled:
+    the steps replayed from one captured CUDA graph choose the tokens the same steps launched from Python choose,
+    rows stopping mid-batch included."""
+    from capyft import generation
+
+    model = tiny_lora_model(PACKED_SDPA, four_bit=True).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    generator = torch.Generator().manual_seed(5)
+    lengths = [90, 13, 57, 140, 33]
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, -n:] = torch.randint(3, 250, (n,), generator=generator)
+        mask[row, -n:] = 1
+    ids, mask = ids.cuda(), mask.cuda()
+    captured = []
+    capture = generation._captured
+    monkeypatch.setattr(generation, "_captured", lambda step: captured.append(capture(step)) or captured[-1])
+
+    def decode(stops: list[int], graph: bool) -> torch.Tensor:
+        settings = generation.GenerationSettings(max_new_tokens=24)
+        with generation._autocast(model, ids.device, cache=not graph), torch.no_grad():
+            filled = generation._prefilled(model, ids, mask, 2048, settings.max_new_tokens)
+            return generation.decode_greedy(model, filled, ids, mask, settings, stops, 0, graph)
+
+    for adapter in (True, False):
+        with model.disable_adapter() if not adapter else contextlib.nullcontext():
+            eager = decode([-1], graph=False)
+            assert len({tuple(row) for row in eager.tolist()}) > 1
+            torch.testing.assert_close(decode([-1], graph=True), eager, rtol=0, atol=0)
+            stops = [int(eager[0, 5])]
+            eager = decode(stops, graph=False)
+            assert (eager == 0).any()
+            torch.testing.assert_close(decode(stops, graph=True), eager, rtol=0, atol=0)
+    assert len(captured) == 4 and all(replay is not None for replay in captured)

@@ -2,10 +2,11 @@
 
 Not the user's path (that is ``bench_gpu.py --test``, the CLI on an on-disk checkpoint): this loads the model once
 and times ``capyft.generation`` against transformers' own ``generate`` on the same prompts, to tell the prefill from
-the decode steps and one lever from another. Two factors: the prefill (transformers' one pass over the padded batch
-and a cache that grows by concatenation, or capyft's passes of similar length into a cache with room for the answer)
-and the decode attention (transformers' SDPA, which copies the cache once per grouped query head under a padding
-mask, or capyft's grouped decode attention); plus both models one after the other (``compare_base``).
+the decode steps and one lever from another. The variants: the decode loop (transformers' ``generate`` over
+capyft's prefilled cache, as before; capyft's greedy loop over a fixed-shape cache with each step launched from
+Python; the same loop replaying one captured CUDA graph a step, today's path) and both models one after the other
+(``compare_base``). The earlier factors (transformers' one-pass prefill, its decode attention) are in the figures of
+2026-11-29's first calls.
 
     python scripts/bench/generation_lab.py --checkpoint DIR --data conversations.jsonl --out lab.json
 
@@ -76,27 +77,26 @@ def main() -> None:
     lengths = [len(e) for e in encoded]
     result["prompts"] = {"count": len(lengths), "tokens": sum(lengths), "longest": max(lengths), "padded": ids.numel()}
     print(json.dumps(result), flush=True)
-    base = model.get_base_model()
 
-    def run(label: str, new: int, capyft_prefill: bool, fold: bool, both: bool) -> dict:
-        base.config._attn_implementation = PACKED_SDPA if fold else "sdpa"
-        settings = generation.GenerationSettings(max_new_tokens=new)
+    def run(label: str, new: int, loop: str, both: bool) -> dict:
+        """``loop``: "generate" (transformers' loop over the prefilled cache), "eager" or "graph" (decode_greedy)."""
+        settings = generation.GenerationSettings(max_new_tokens=new, cuda_graph=loop == "graph")
+        applies = generation._greedy_loop_applies
+        if loop == "generate":  # a lab switch: the user's path has no option for it
+            generation._greedy_loop_applies = lambda *_: False
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0
         begin = time.perf_counter()
-        if both:
-            batch_cuda = batch | {"input_ids": ids, "attention_mask": mask}
-            generation.answer_batch(model, tokenizer, batch_cuda, settings, compare_base=True)
-        elif capyft_prefill:
-            generation.generate(model, tokenizer, ids, mask, settings, [-1])
-        else:
-            with torch.no_grad(), generation._autocast(model, ids.device):
-                model.generate(
-                    input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id, eos_token_id=None, use_cache=True,
-                )  # fmt: skip
+        try:
+            if both:
+                batch_cuda = batch | {"input_ids": ids, "attention_mask": mask}
+                generation.answer_batch(model, tokenizer, batch_cuda, settings, compare_base=True)
+            else:
+                generation.generate(model, tokenizer, ids, mask, settings, [-1])
+        finally:
+            generation._greedy_loop_applies = applies
         if cuda:
             torch.cuda.synchronize()
         out = {
@@ -110,21 +110,20 @@ def main() -> None:
         return out
 
     if args.profile:
-        result["profile"] = profile(lambda: run("now", args.new, True, True, False), cuda)
+        result["profile"] = profile(lambda: run("now", args.new, "graph", False), cuda)
         Path(args.out).write_text(json.dumps(result, indent=1))
         print(json.dumps(result, indent=1), flush=True)
         return
     variants = {
-        "transformers prefill, transformers attention (before)": (False, False, False),
-        "transformers prefill, grouped decode attention": (False, True, False),
-        "capyft prefill + room, transformers attention": (True, False, False),
-        "capyft prefill + room, grouped decode attention (now)": (True, True, False),
-        "now, tuned then base (compare_base)": (True, True, True),
+        "transformers' generate over the prefilled cache (before)": ("generate", False),
+        "greedy loop, fixed cache, eager steps": ("eager", False),
+        "greedy loop, fixed cache, CUDA graph (now)": ("graph", False),
+        "now, tuned then base (compare_base)": ("graph", True),
     }
-    for label, (capyft_prefill, fold, both) in variants.items():
+    for label, (loop, both) in variants.items():
         with contextlib.suppress(torch.cuda.OutOfMemoryError):
-            one = run(label, 1, capyft_prefill, fold, both)
-            many = run(label, args.new, capyft_prefill, fold, both)
+            one = run(label, 1, loop, both)
+            many = run(label, args.new, loop, both)
             step = (many["s"] - one["s"]) / (args.new - 1)
             result["variants"][label] = {
                 "first_token_s": one["s"],
