@@ -138,9 +138,22 @@ class CapyCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_max_length()
+        self._exit_after_run()
 
     def before_validate(self) -> None:
         self._check_max_length()
+        self._exit_after_run()
+
+    def before_test(self) -> None:
+        self._exit_after_run()
+
+    def before_predict(self) -> None:
+        self._exit_after_run()
+
+    def _exit_after_run(self) -> None:
+        """The process ends after the subcommand: the module need not be moved to CPU memory at its end."""
+        if isinstance(self.model, QLoRAModule):
+            self.model.stays_on_device_at_teardown = True
 
     def _check_max_length(self) -> None:
         """Loads the tokenizer (kept for the data module) and checks data.max_length against its chat header."""

@@ -325,10 +325,10 @@ def decode_greedy(
     shapes never change: each layer's keys and values are the prefill's buffers, a new token is written at the slot
     ``slot`` (a device tensor) and attention reads the whole buffer under a boolean mask that opens one slot per
     step. Nothing a step computes depends on a Python value that changes between steps, so on a CUDA GPU (``graph``)
-    the step is captured once as a CUDA graph and replayed: one launch a step instead of thousands of kernels from
-    Python (for an 8B model, seven 4-bit linear layers with adapters in each of 32 layers). The answers equal
-    ``generate``'s on a CPU in float32 (``tests/test_evaluation.py``, ``tests/test_families.py``); a captured
-    step computes what the eager step does (``tests/test_gpu.py``).
+    the step after the embedding lookup is captured once as a CUDA graph and replayed: one launch a step instead of
+    thousands of kernels from Python (for an 8B model, seven 4-bit linear layers with adapters in each of 32
+    layers). The answers equal ``generate``'s on a CPU in float32 (``tests/test_evaluation.py``,
+    ``tests/test_families.py``); a captured step computes what the eager step does (``tests/test_gpu.py``).
     """
     name, new_cache, keys, values = filled
     rows, length = input_ids.shape
@@ -337,7 +337,8 @@ def decode_greedy(
     visible = torch.zeros((rows, 1, 1, keys[0].shape[-2]), dtype=torch.bool, device=device)
     visible[:, 0, 0, : length - 1] = attention_mask[:, :-1].bool()
     position = attention_mask.long().sum(-1, keepdim=True) - 1  # generate's position ids: real tokens before
-    token = input_ids[:, -1:].clone()
+    embed = model.get_input_embeddings()
+    embeds = embed(input_ids[:, -1:])  # fed as embeddings: a lookup in CPU memory (offload_embeddings) is no graph
     cache = new_cache()
     cache.layers[:] = [_slot_layer_class()(k, v, slot) for k, v in zip(keys, values)]
     stops = torch.tensor(stop_ids, device=device)
@@ -346,8 +347,8 @@ def decode_greedy(
 
     def step() -> torch.Tensor:
         visible.index_fill_(-1, slot, True)
-        logits = model(input_ids=token, attention_mask=visible, position_ids=position, use_cache=True, **{name: cache})
-        return logits.logits[:, -1].argmax(-1)
+        inputs = {"inputs_embeds": embeds, "attention_mask": visible, "position_ids": position, name: cache}
+        return model(**inputs, use_cache=True).logits[:, -1].argmax(-1)
 
     run, side = step, None
     if graph:
@@ -363,7 +364,8 @@ def decode_greedy(
             chosen = torch.where(stopped, pad_id, run())
             out[:, i] = chosen
             stopped |= torch.isin(chosen, stops)
-            token.copy_(chosen[:, None])
+            if i + 1 < steps:
+                embeds.copy_(embed(chosen[:, None]))
             position.add_(1)
             slot.add_(1)
             if (i + 1) % STOP_CHECK_EVERY == 0 and bool(stopped.all()):

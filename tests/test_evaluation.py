@@ -563,6 +563,21 @@ def test_predict_writes_the_answers_to_the_run_dir(fitted_run):
     assert (fitted_run / "predict-last-2" / "predictions.jsonl").read_text() == (out / "predictions.jsonl").read_text()
 
 
+def test_the_cli_leaves_the_model_where_it_ran_when_its_process_ends(fitted_run, monkeypatch):
+    """Lightning moves the module to CPU memory at a run's end (its strategy's teardown), which took 3.4 s for an
+    8B model on an H200; the CLI's process ends there, so the CLI skips it. Outside the CLI the module still moves."""
+    import lightning as L
+
+    from capyft.model import QLoRAModule
+
+    moved = []
+    monkeypatch.setattr(L.LightningModule, "cpu", lambda self: moved.append(type(self).__name__) or self)
+    predicted = evaluate_run(fitted_run, "predict")
+    assert predicted.model.stays_on_device_at_teardown and moved == []
+    predicted.model.stays_on_device_at_teardown = False
+    assert QLoRAModule.cpu(predicted.model) is predicted.model and moved == ["QLoRAModule"]
+
+
 def test_a_second_test_keeps_the_first_ones_outputs(fitted_run):
     minilm = (f"--model.bertscore.model_type={MINILM.model_type}", "--model.bertscore.num_layers=6")
     before = folders(fitted_run)

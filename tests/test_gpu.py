@@ -164,13 +164,17 @@ def test_prefill_in_passes_matches_one_pass_in_4_bit_for_both_models():
             assert assert_prefill_matches_one_pass(model, ids, mask, 400, tolerance=1e-2) >= 3
 
 
-def test_cuda_graph_decode_steps_give_the_eager_steps_tokens_for_both_models(monkeypatch):
-    """The test hook's decode on the GPU (bitsandbytes 4-bit, fp16 autocast), with the adapter and with it disabled:
-    the steps replayed from one captured CUDA graph choose the tokens the same steps launched from Python choose,
-    rows stopping mid-batch included."""
+@pytest.mark.parametrize("offload", [False, True], ids=["embeddings-on-gpu", "offload_embeddings"])
+def test_cuda_graph_decode_steps_give_the_eager_steps_tokens_for_both_models(monkeypatch, offload):
+    """The test hook's decode on the GPU (bitsandbytes 4-bit, fp16 autocast), with the adapter and with it disabled,
+    the input embeddings on the GPU or in CPU memory (the reference config's offload_embeddings): the steps
+    replayed from one captured CUDA graph choose the tokens the same steps launched from Python choose, rows
+    stopping mid-batch included."""
     from capyft import generation
+    from capyft.levers import offload_input_embeddings
 
     model = tiny_lora_model(PACKED_SDPA, four_bit=True).eval()
+    assert not offload or offload_input_embeddings(model.get_base_model())
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
