@@ -77,8 +77,10 @@ def generate(
 
     The model runs in eval mode (training-mode gradient checkpointing would turn the cache off) with
     ``use_cache=True``, which training configs switch off in ``model.config``. A batch of several prompts is
-    prefilled in sub-batches of similar length (:func:`prefill`), then decoded together by transformers' ``generate``.
-    Each answer is cut at its first ``stop_ids`` token, so only new tokens up to the end of the turn are decoded.
+    prefilled in sub-batches of similar length (:func:`prefill`), then decoded together: greedy answers by
+    :func:`decode_greedy` (on a CUDA GPU one CUDA graph a step, ``settings.cuda_graph``), sampled ones and models it
+    does not apply to (:func:`_greedy_loop_applies`) by transformers' ``generate``. Each answer is cut at its first
+    ``stop_ids`` token, so only new tokens up to the end of the turn are decoded.
 
     Args:
         model: a causal LM (PEFT-wrapped or not).
@@ -104,12 +106,12 @@ def generate(
     was_training = model.training
     model.eval()
     devices = [input_ids.device] if input_ids.device.type == "cuda" else []
-    greedy = streamer is None and _greedy_loop_applies(model, settings)
+    rows = len(input_ids)
+    greedy = rows > 1 and streamer is None and _greedy_loop_applies(model, settings)
     graph = greedy and settings.cuda_graph and input_ids.is_cuda
     try:
         with torch.random.fork_rng(devices=devices), _autocast(model, input_ids.device, cache=not graph):
             torch.manual_seed(seed)
-            rows = len(input_ids)
             filled = _prefilled(model, input_ids, attention_mask, None, settings.max_new_tokens) if rows > 1 else None
             if filled is not None and greedy:
                 pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
@@ -350,16 +352,14 @@ def decode_greedy(
         inputs = {"inputs_embeds": embeds, "attention_mask": visible, "position_ids": position, name: cache}
         return model(**inputs, use_cache=True).logits[:, -1].argmax(-1)
 
-    run, side = step, None
-    if graph:
+    run, side, done = step, None, steps
+    if graph:  # warm-up steps on a side stream, then capture
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
     for i in range(steps):
         if side is not None and i == GRAPH_WARMUP_STEPS:
             torch.cuda.current_stream(device).wait_stream(side)
-            run, side = _captured(step), None
-            if run is None:  # a step that cannot be captured (e.g. one that syncs with the host): launch as before
-                run = step
+            run, side = _captured(step) or step, None  # a step that cannot be captured is launched as before
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             chosen = torch.where(stopped, pad_id, run())
             out[:, i] = chosen
@@ -369,10 +369,11 @@ def decode_greedy(
             position.add_(1)
             slot.add_(1)
             if (i + 1) % STOP_CHECK_EVERY == 0 and bool(stopped.all()):
-                return out[:, : i + 1]
+                done = i + 1
+                break
     if side is not None:
         torch.cuda.current_stream(device).wait_stream(side)
-    return out
+    return out[:, :done]
 
 
 def _captured(step: Any) -> Any:
