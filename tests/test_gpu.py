@@ -138,6 +138,28 @@ def test_compiled_layers_train_like_eager_without_recompiling(four_bit):
     assert not torch._dynamo.utils.counters["graph_break"]
 
 
+def trained_looking_4bit_model():
+    """``tiny_lora_model`` in 4-bit, eval mode, with a trained-looking adapter (B starts at zero), so the model with
+    its adapter and without it differ."""
+    model = tiny_lora_model(PACKED_SDPA, four_bit=True).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    return model
+
+
+def left_padded_prompts(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of ``lengths`` tokens, left-padded into one batch on the GPU: ``(input_ids, attention_mask)``."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, -n:] = torch.randint(3, 250, (n,), generator=generator)
+        mask[row, -n:] = 1
+    return ids.cuda(), mask.cuda()
+
+
 def test_prefill_in_passes_matches_one_pass_in_4_bit_for_both_models():
     """The test hook's prefill on the GPU (bitsandbytes 4-bit, fp16 autocast), with the adapter and with it disabled
     (``compare_base``): the keys and values at every real token are the ones the one-pass prefill gives."""
@@ -145,19 +167,8 @@ def test_prefill_in_passes_matches_one_pass_in_4_bit_for_both_models():
 
     from capyft.generation import _autocast
 
-    model = tiny_lora_model(PACKED_SDPA, four_bit=True).eval()
-    with torch.no_grad():  # a trained-looking adapter (B starts at zero), so the two models differ
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.2)
-    generator = torch.Generator().manual_seed(3)
-    lengths = [300, 37, 129, 5, 64, 200]
-    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, -n:] = torch.randint(3, 250, (n,), generator=generator)
-        mask[row, -n:] = 1
-    ids, mask = ids.cuda(), mask.cuda()
+    model = trained_looking_4bit_model()
+    ids, mask = left_padded_prompts([300, 37, 129, 5, 64, 200], seed=3)
     with _autocast(model, torch.device("cuda")):
         assert assert_prefill_matches_one_pass(model, ids, mask, 400, tolerance=1e-2) >= 3
         with model.disable_adapter():
@@ -173,20 +184,9 @@ def test_cuda_graph_decode_steps_give_the_eager_steps_tokens_for_both_models(mon
     from capyft import generation
     from capyft.levers import offload_input_embeddings
 
-    model = tiny_lora_model(PACKED_SDPA, four_bit=True).eval()
+    model = trained_looking_4bit_model()
     assert not offload or offload_input_embeddings(model.get_base_model())
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.2)
-    generator = torch.Generator().manual_seed(5)
-    lengths = [90, 13, 57, 140, 33]
-    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, -n:] = torch.randint(3, 250, (n,), generator=generator)
-        mask[row, -n:] = 1
-    ids, mask = ids.cuda(), mask.cuda()
+    ids, mask = left_padded_prompts([90, 13, 57, 140, 33], seed=5)
     captured = []
     capture = generation._captured
     monkeypatch.setattr(generation, "_captured", lambda step: captured.append(capture(step)) or captured[-1])
