@@ -163,6 +163,35 @@ def test_greedy_decode_over_a_fixed_cache_gives_generates_tokens_stops_and_paddi
     assert (got[:, 1:] == pad).all()
 
 
+def test_logits_processors_of_the_models_generation_config_still_apply(tiny_model, tokenizer):
+    """A model whose own generation config adds a logits processor (here: suppressed tokens) is answered by
+    transformers' generate, which applies it, not by the plain-argmax loop: the answers equal generate's."""
+    from capyft import generation
+
+    model, batch = load_tiny(tiny_model).eval(), uneven_batch(tokenizer, 4)
+    ids, mask, pad = batch["input_ids"], batch["attention_mask"], tokenizer.pad_token_id
+    settings, stops = GenerationSettings(max_new_tokens=6), [-1]
+
+    def theirs() -> list:
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=6,
+                do_sample=False,
+                eos_token_id=stops,
+                pad_token_id=pad,
+            )
+        return out[:, ids.shape[1] :].tolist()
+
+    plain = theirs()
+    model.generation_config.suppress_tokens = [plain[0][0]]
+    suppressed = theirs()
+    assert suppressed[0][0] != plain[0][0]
+    ours = generate(model, tokenizer, ids, mask, settings, stops)
+    assert ours == [generation.cut_at_stop(tokenizer, row, stops) for row in suppressed]
+
+
 def test_prefilled_cache_takes_the_answer_in_place_then_grows_as_transformers_does(tiny_model, tokenizer):
     """Decoding writes each new token into the room the prefill left (no copy of the cache per token); past the
     room, or once transformers replaces the tensors, the layer grows by concatenation, with the same contents."""
