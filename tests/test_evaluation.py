@@ -192,6 +192,27 @@ def test_logits_processors_of_the_models_generation_config_still_apply(tiny_mode
     assert ours == [generation.cut_at_stop(tokenizer, row, stops) for row in suppressed]
 
 
+def test_eager_attention_is_answered_by_generate(tiny_model, tokenizer):
+    """transformers' eager attention adds its mask to the scores (it takes no boolean mask): such a model is answered
+    by generate's own loop, and the answers are generate's."""
+    from capyft import generation
+
+    model, batch = load_tiny(tiny_model).eval(), uneven_batch(tokenizer, 4)
+    model.set_attn_implementation("eager")
+    ids, mask, stops = batch["input_ids"], batch["attention_mask"], [-1]
+    ours = generate(model, tokenizer, ids, mask, GenerationSettings(max_new_tokens=6), stops)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    assert ours == [generation.cut_at_stop(tokenizer, row, stops) for row in out[:, ids.shape[1] :].tolist()]
+
+
 def test_prefilled_cache_takes_the_answer_in_place_then_grows_as_transformers_does(tiny_model, tokenizer):
     """Decoding writes each new token into the room the prefill left (no copy of the cache per token); past the
     room, or once transformers replaces the tensors, the layer grows by concatenation, with the same contents."""
