@@ -297,6 +297,24 @@ def test_bench_conversations_look_like_capybara():
     assert all(r["labels"][0] == IGNORE_INDEX for r in rows)
 
 
+def test_bench_wall_phases_gives_each_sample_the_first_matching_phase():
+    """The whole-command sampler's accounting: each sample stands for the time since the previous one, an import
+    inside model loading counts as importing, Lightning's teardown is its own phase."""
+    load_bench()
+    from bench.wall_phases import summarize
+
+    load = ["__main__.py:<module>", "cli.py:run", "model.py:configure_model", "auto_factory.py:from_pretrained"]
+    samples = [
+        (0.5, ["__main__.py:<module>", "<frozen importlib._bootstrap>:_find_and_load"]),
+        (1.0, load),
+        (1.5, [*load, "<frozen importlib._bootstrap>:_find_and_load"]),
+        (3.0, load),
+        (3.5, ["cli.py:run", "trainer.py:_teardown", "strategy.py:teardown", "module.py:cpu"]),
+    ]
+    phases = {phase: (round(seconds, 3), first, last) for phase, seconds, first, last in summarize(samples)}
+    assert phases == {"import": (1.0, 0.5, 1.5), "load model": (2.0, 1.0, 3.0), "lightning teardown": (0.5, 3.5, 3.5)}
+
+
 @pytest.mark.slow
 def test_compiled_layers_train_like_eager_and_reuse_one_graph_across_lengths():
     """Regional compile (aot_eager here: the traced graph and its autograd, without code generation on CPU)."""
