@@ -52,6 +52,11 @@ class GenerationSettings:
     cuda_graph: bool = True
 
 
+# Passed to transformers' generate with every batch, so a model's own generation config cannot turn greedy decoding or
+# sampling into beam, contrastive or DoLa search, or return several sequences a prompt (GenerationSettings has none)
+_ONE_SEQUENCE_SEARCH = {"num_beams": 1, "num_return_sequences": 1, "penalty_alpha": None, "dola_layers": None}
+
+
 @dataclass
 class Generated:
     """One answer: its text (new tokens only, special tokens skipped), how many tokens were generated (the stop
@@ -128,6 +133,7 @@ def generate(
                     pad_token_id=tokenizer.pad_token_id,
                     use_cache=True,
                     streamer=streamer,
+                    **_ONE_SEQUENCE_SEARCH,
                     **sampling,
                     **dict([cache] if cache else []),  # the prefilled cache under the keyword generate takes
                 )
@@ -272,7 +278,8 @@ def _roomy_layer_class() -> type:
 
 
 # Generation settings that add logits processors to transformers' greedy search: where a model's generation config
-# sets one, its answers come from ``generate`` itself rather than from decode_greedy's plain argmax.
+# sets one, its answers come from ``generate`` itself rather than from decode_greedy's plain argmax. (Settings that
+# would turn the search into another one are overridden for every path: _ONE_SEQUENCE_SEARCH.)
 _PROCESSOR_FIELDS = (
     "min_length",
     "min_new_tokens",

@@ -163,12 +163,16 @@ def test_greedy_decode_over_a_fixed_cache_gives_generates_tokens_stops_and_paddi
     assert (got[:, 1:] == pad).all()
 
 
-def test_logits_processors_of_the_models_generation_config_still_apply(tiny_model, tokenizer):
-    """A model whose own generation config adds a logits processor (here: suppressed tokens) is answered by
-    transformers' generate, which applies it, not by the plain-argmax loop: the answers equal generate's."""
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # eager: answered by generate's own loop, whatever the config
+@pytest.mark.parametrize("setting", ["suppress_tokens", "num_beams"])
+def test_a_models_generation_config_adds_its_processors_not_its_search(tiny_model, tokenizer, setting, attention):
+    """A model whose own generation config adds a logits processor (suppressed tokens) is answered by transformers'
+    generate, which applies it, not by the plain-argmax loop; one that asks for beam search still gets greedy answers
+    (capyft's settings decide the search, as for the repetition penalty): in both cases generate's greedy answers."""
     from capyft import generation
 
     model, batch = load_tiny(tiny_model).eval(), uneven_batch(tokenizer, 4)
+    model.set_attn_implementation(attention)
     ids, mask, pad = batch["input_ids"], batch["attention_mask"], tokenizer.pad_token_id
     settings, stops = GenerationSettings(max_new_tokens=6), [-1]
 
@@ -185,11 +189,16 @@ def test_logits_processors_of_the_models_generation_config_still_apply(tiny_mode
         return out[:, ids.shape[1] :].tolist()
 
     plain = theirs()
-    model.generation_config.suppress_tokens = [plain[0][0]]
-    suppressed = theirs()
-    assert suppressed[0][0] != plain[0][0]
+    if setting == "suppress_tokens":
+        model.generation_config.suppress_tokens = [plain[0][0]]
+        expected = theirs()
+        assert expected != plain
+    else:
+        model.generation_config.num_beams = 3
+        assert theirs() != plain  # beam search, left to the model's config
+        expected = plain
     ours = generate(model, tokenizer, ids, mask, settings, stops)
-    assert ours == [generation.cut_at_stop(tokenizer, row, stops) for row in suppressed]
+    assert ours == [generation.cut_at_stop(tokenizer, row, stops) for row in expected]
 
 
 def test_eager_attention_is_answered_by_generate(tiny_model, tokenizer):
