@@ -53,8 +53,9 @@ class GenerationSettings:
 
 
 # Passed to transformers' generate with every batch, so a model's own generation config cannot turn greedy decoding or
-# sampling into beam, contrastive or DoLa search, or return several sequences a prompt (GenerationSettings has none)
-_ONE_SEQUENCE_SEARCH = {"num_beams": 1, "num_return_sequences": 1, "penalty_alpha": None, "dola_layers": None}
+# sampling into beam search or return several sequences a prompt (GenerationSettings has neither). Contrastive and
+# DoLa search, which transformers 5 moved to the hub and marks for removal from its config, are not overridden.
+_ONE_SEQUENCE_SEARCH = {"num_beams": 1, "num_return_sequences": 1}
 
 
 @dataclass
