@@ -94,6 +94,21 @@ def uneven_batch(tokenizer, count: int = 6) -> dict:
     return batch_of(prompts[:count], tokenizer)
 
 
+def generate_reference(model, batch: dict, new: int, stops: list[int], pad: int) -> torch.Tensor:
+    """transformers' own greedy ``generate`` on a left-padded batch: the new tokens, ``pad`` after a row's stop."""
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=new,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=pad,
+        )
+    return out[:, ids.shape[1] :]
+
+
 def test_prefill_in_passes_lays_out_the_cache_generate_computes_in_one(tiny_model, tokenizer):
     """The prompts prefilled in passes of similar length (less padding) give the keys and values that transformers'
     own one-pass prefill of the padded batch gives, at every real token, zeros at the padding, and the same answers."""
@@ -107,16 +122,8 @@ def test_prefill_in_passes_lays_out_the_cache_generate_computes_in_one(tiny_mode
     assert 1 < assert_prefill_matches_one_pass(model, ids, mask, max_tokens=900) < 6
     settings, stops = GenerationSettings(max_new_tokens=12), end_of_turn_ids(tokenizer)
     ours = generate(model, tokenizer, ids, mask, settings, stops)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=12,
-            do_sample=False,
-            eos_token_id=stops,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    theirs = [generation.cut_at_stop(tokenizer, row, stops) for row in out[:, ids.shape[1] :].tolist()]
+    out = generate_reference(model, batch, 12, stops, tokenizer.pad_token_id)
+    theirs = [generation.cut_at_stop(tokenizer, row, stops) for row in out.tolist()]
     assert ours == theirs and len({g.text for g in ours}) > 1
 
 
@@ -130,16 +137,7 @@ def test_greedy_decode_over_a_fixed_cache_gives_generates_tokens_stops_and_paddi
     ids, mask, pad = batch["input_ids"], batch["attention_mask"], tokenizer.pad_token_id
 
     def theirs(stops: list[int], new: int) -> torch.Tensor:
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=new,
-                do_sample=False,
-                eos_token_id=stops,
-                pad_token_id=pad,
-            )
-        return out[:, ids.shape[1] :]
+        return generate_reference(model, batch, new, stops, pad)
 
     def ours(stops: list[int], new: int) -> torch.Tensor:
         settings = GenerationSettings(max_new_tokens=new)
@@ -177,16 +175,7 @@ def test_a_models_generation_config_adds_its_processors_not_its_search(tiny_mode
     settings, stops = GenerationSettings(max_new_tokens=6), [-1]
 
     def theirs() -> list:
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=6,
-                do_sample=False,
-                eos_token_id=stops,
-                pad_token_id=pad,
-            )
-        return out[:, ids.shape[1] :].tolist()
+        return generate_reference(model, batch, 6, stops, pad).tolist()
 
     plain = theirs()
     if setting == "suppress_tokens":
@@ -199,27 +188,6 @@ def test_a_models_generation_config_adds_its_processors_not_its_search(tiny_mode
         expected = plain
     ours = generate(model, tokenizer, ids, mask, settings, stops)
     assert ours == [generation.cut_at_stop(tokenizer, row, stops) for row in expected]
-
-
-def test_eager_attention_is_answered_by_generate(tiny_model, tokenizer):
-    """transformers' eager attention adds its mask to the scores (it takes no boolean mask): such a model is answered
-    by generate's own loop, and the answers are generate's."""
-    from capyft import generation
-
-    model, batch = load_tiny(tiny_model).eval(), uneven_batch(tokenizer, 4)
-    model.set_attn_implementation("eager")
-    ids, mask, stops = batch["input_ids"], batch["attention_mask"], [-1]
-    ours = generate(model, tokenizer, ids, mask, GenerationSettings(max_new_tokens=6), stops)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=6,
-            do_sample=False,
-            eos_token_id=stops,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    assert ours == [generation.cut_at_stop(tokenizer, row, stops) for row in out[:, ids.shape[1] :].tolist()]
 
 
 def test_prefilled_cache_takes_the_answer_in_place_then_grows_as_transformers_does(tiny_model, tokenizer):
