@@ -14,7 +14,7 @@ from capyft.generation import PREFILL_TOKENS
 
 # Most prompts per generation batch with ``eval_batch_size: auto``: a bound on the KV cache one batch holds (and on
 # the risk of running out) that still takes the reference case's 200 test prompts in one batch, which Llama-3.1-8B
-# 4-bit decodes at ~77 ms a step on an H200 (2026-11-29).
+# 4-bit decodes at ~52 ms a step on an H200 with CUDA-graph steps (a lab figure, 2026-11-29).
 MAX_GENERATION_ROWS = 256
 # Share of the GPU memory left after the model loads that ``auto``'s generation batches may plan to use; the rest
 # covers what the estimate leaves out: a 4-bit layer's weight dequantized for its matmul, and the caching
