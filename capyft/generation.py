@@ -172,10 +172,11 @@ def prefill(
     longest prompt, with the position ids ``generate`` gives them (the count of real tokens before each). Their keys
     and values are copied right-aligned into one cache as long as the batch's prompt minus one token, zeros at the
     padding, with ``room`` for the answer behind it; ``generate`` (or :func:`decode_greedy`) then feeds each row's
-    last prompt token and decodes the whole batch at once. Padding aside it is the same arithmetic: in float32 on a CPU the keys and values match
-    ``generate``'s own prefill to 1e-5 and the answers are the same tokens (``tests/test_evaluation.py``,
-    ``tests/test_families.py``); in 16 bits on a GPU, matmuls over other batch shapes round differently (keys and
-    values within 1e-2 for a 4-bit model in fp16, ``tests/test_gpu.py``), as any change of batch does.
+    last prompt token and decodes the whole batch at once. Padding aside it is the same arithmetic: in float32 on a
+    CPU the keys and values match ``generate``'s own prefill to 1e-5 and the answers are the same tokens
+    (``tests/test_evaluation.py``, ``tests/test_families.py``); in 16 bits on a GPU, matmuls over other batch shapes
+    round differently (keys and values within 1e-2 for a 4-bit model in fp16, ``tests/test_gpu.py``), as any change
+    of batch does.
 
     Args:
         model: the causal LM, peft-wrapped or not, in eval mode, under the autocast ``generate`` runs in.
