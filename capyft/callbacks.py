@@ -333,7 +333,13 @@ class OutOfMemoryAdvice(L.Callback):
             "data.max_length": data.get("max_length"),
             "data.batch_size": data.get("batch_size"),
             "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
-            "model.gradient_checkpointing": model.get("gradient_checkpointing"),
+            "model.gradient_checkpointing": _checkpointing_value(pl_module, model.get("gradient_checkpointing")),
             "data.padding_free": data.get("padding_free"),
         }
         log.error("%s", checks.oom_advice(values))
+
+
+def _checkpointing_value(pl_module: Any, setting: Any) -> Any:
+    """The setting as the advice shows it: ``auto`` with what it resolved to."""
+    active = getattr(pl_module, "checkpointing", None) if getattr(pl_module, "model", None) is not None else None
+    return f"auto (resolved to {active})" if setting == "auto" and active is not None else setting

@@ -202,6 +202,15 @@ class ChatDataModule(L.LightningDataModule):
             return max_steps if total is None else min(total, max_steps)
         return total
 
+    def micro_batch_token_bound(self) -> int | None:
+        """Most tokens a training micro-batch can hold: its conversations x the longest training conversation (a
+        packed row holds at most that, a padded one is that long). None before the data is set up."""
+        if "train" not in self.splits or len(self.splits["train"]) == 0:
+            return None
+        longest = max(len(ids) for ids in self.splits["train"]["input_ids"])
+        multiple = self.hparams.pad_to_multiple_of or 1
+        return self._micro_batch_size() * -(-longest // multiple) * multiple
+
     def _micro_batch_size(self) -> int:
         """Training conversations per micro-batch: ``batch_size``, or what ``auto`` picks (once per fit)."""
         if self.hparams.batch_size != "auto":

@@ -25,8 +25,11 @@ from capyft.modeling import (
     check_fsdp,
     load_base_model,
     load_tokenizer,
+    set_gradient_checkpointing,
+    to_dtype,
     wrap_with_lora,
 )
+from capyft.sizing import adapter_input_bytes, checkpointing_needed, usable_gpu_memory
 
 log = logging.getLogger(__name__)
 MONITOR = "val/loss"  # the one metric checkpoints and early stopping watch
@@ -53,6 +56,10 @@ class QLoRAModule(AnswerHooks, L.LightningModule):
         use_dora: weight-decomposed LoRA.
         use_rslora: rank-stabilized scaling.
         gradient_checkpointing: recompute activations in backward (non-reentrant): far less memory, ~30% more time.
+            ``auto``: off for a fit whose largest micro-batch (conversations per micro-batch x the longest training
+            conversation) fits without it in the CUDA GPU memory free once the model is loaded
+            (:func:`capyft.sizing.checkpointing_needed`), else on; on on CPU and under FSDP. Decided at the start of
+            training and logged; the loss and gradients are the same either way.
         attn_implementation: ``sdpa_packed`` (default: PyTorch SDPA; with ``data.padding_free`` each packed
             conversation runs through causal flash attention, never across conversations), ``sdpa``, ``eager``,
             ``flash_attention_2`` or ``flex_attention``.
@@ -104,7 +111,7 @@ class QLoRAModule(AnswerHooks, L.LightningModule):
         target_modules: list[str] | str = "all-linear",
         use_dora: bool = False,
         use_rslora: bool = False,
-        gradient_checkpointing: bool = True,
+        gradient_checkpointing: bool | Literal["auto"] = True,
         attn_implementation: str = "sdpa_packed",
         liger_kernels: bool = True,
         offload_embeddings: bool = True,
@@ -184,7 +191,8 @@ class QLoRAModule(AnswerHooks, L.LightningModule):
         lora = build_lora_config(
             hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.target_modules, hp.use_dora, hp.use_rslora
         )
-        self.model = wrap_with_lora(base, lora, hp.gradient_checkpointing)
+        # auto starts on (the memory-safe side); on_train_start turns it off where the micro-batches fit without it
+        self.model = wrap_with_lora(base, lora, hp.gradient_checkpointing in (True, "auto"))
         if hp.get("fused_lora") and hp.load_in_4bit:
             fuse_lora_linears(self.model)
         if self._compiled:  # after LoRA, so the adapters are inside the compiled graph
@@ -258,6 +266,41 @@ class QLoRAModule(AnswerHooks, L.LightningModule):
     def on_train_start(self) -> None:
         self.model.train()  # Lightning switches the LightningModule, but a model loaded by HF starts in eval mode
         self._align_log_step = True
+        if self.hparams.get("gradient_checkpointing") == "auto":
+            self._resolve_checkpointing()
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether the decoder layers recompute their activations in backward now."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if hasattr(base, "is_activation_checkpointing"):  # transformers >= 5.24 renamed is_gradient_checkpointing
+            return bool(base.is_activation_checkpointing)
+        return bool(getattr(base, "is_gradient_checkpointing", False))
+
+    def _resolve_checkpointing(self) -> None:
+        """``gradient_checkpointing: auto``: off when the fit's largest micro-batch fits without it, else on."""
+        reason = self._checkpointing_obstacle()
+        set_gradient_checkpointing(self.model, reason is not None)
+        log.info(
+            "gradient_checkpointing auto: %s", f"on, {reason}" if reason else "off, the micro-batches fit without it"
+        )
+
+    def _checkpointing_obstacle(self) -> str | None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        device = self.trainer.strategy.root_device
+        if device.type != "cuda":
+            return "CUDA GPUs only (it sizes by free GPU memory)"
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            return "always under FSDP"
+        bound = getattr(self.trainer.datamodule, "micro_batch_token_bound", None)
+        tokens = bound() if callable(bound) else None
+        if tokens is None:
+            return "the largest micro-batch is unknown (no capyft data module)"
+        hp = self.hparams
+        width = to_dtype(hp.compute_dtype).itemsize
+        adapter_bytes = adapter_input_bytes(hp.load_in_4bit, hp.lora_dropout, width)
+        return checkpointing_needed(self.model.config, tokens, usable_gpu_memory(device), adapter_bytes, width)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if getattr(self, "_align_log_step", False):

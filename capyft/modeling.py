@@ -160,8 +160,7 @@ def wrap_with_lora(model: Any, lora_config: Any, gradient_checkpointing: bool = 
     for param in model.parameters():
         param.requires_grad_(False)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        set_gradient_checkpointing(model, True)
     model.config.use_cache = False
     try:
         peft_model = get_peft_model(model, lora_config)
@@ -178,6 +177,19 @@ def wrap_with_lora(model: Any, lora_config: Any, gradient_checkpointing: bool = 
             param.data = param.data.float()
     peft_model.train()  # HF models load in eval mode; checkpointing and dropout only act in training mode
     return peft_model
+
+
+def set_gradient_checkpointing(model: Any, on: bool) -> None:
+    """Turns activation checkpointing of the decoder layers on (non-reentrant) or off, before or after LoRA wraps
+    ``model``. On, the embeddings' output requires grad, so checkpointed layers see an input that needs a gradient."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if on:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    else:
+        base.gradient_checkpointing_disable()
+        if getattr(base, "_require_grads_hook", None) is not None:
+            base.disable_input_require_grads()
 
 
 def causal_lm_loss_sum(

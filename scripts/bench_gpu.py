@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import common, report, user_path  # noqa: E402
 
+CHECKPOINTED = "--model.gradient_checkpointing=true"
 # capyft stacks: overrides on top of the reference config (none: the config as shipped)
 CAPYFT = {
     "capyft": [],
@@ -34,6 +35,8 @@ CAPYFT = {
     # the shipped config with torch.profiler around steps 5-6 (bench/step_profiler.py): kernel time, launches, ops
     "capyft-profile": ["--trainer.callbacks+=bench.step_profiler.StepProfiler"],
     "capyft-compile": ["--model.compile_layers=true"],
+    # recomputation forced on: what gradient_checkpointing auto picks where the micro-batch does not fit without it
+    "capyft-ckpt": ["--model.gradient_checkpointing=true"],
     # packed attention one SDPA call per conversation instead of one varlen flash call per layer
     "capyft-loop": ["--model.attn_implementation=sdpa_packed_loop"],
     "capyft-bf16-compile": [
@@ -41,9 +44,10 @@ CAPYFT = {
         "--trainer.precision=bf16-mixed",
         "--model.compute_dtype=bfloat16",
     ],
-    # an 8 GB card's splits, as the reference config runs there (compile_layers auto is off below 16 GiB)
-    "capyft-mem2048": ["--data.micro_batch_tokens=2048", "--model.compile_layers=false"],  # 1 x 4
-    "capyft-mem4096": ["--data.micro_batch_tokens=4096", "--model.compile_layers=false"],  # 2 x 2
+    # an 8 GB card's splits, as the reference config runs there (compile_layers auto is off below 16 GiB, and
+    # gradient_checkpointing auto on: 2048 tokens need ~20 GiB of activations without it)
+    "capyft-mem2048": ["--data.micro_batch_tokens=2048", "--model.compile_layers=false", CHECKPOINTED],  # 1 x 4
+    "capyft-mem4096": ["--data.micro_batch_tokens=4096", "--model.compile_layers=false", CHECKPOINTED],  # 2 x 2
     "capyft-eager": ["--model.compile_layers=false"],  # the reference config without regional compile
     "capyft-no-offload": ["--model.offload_embeddings=false"],
     "capyft-no-chunk": ["--model.loss_chunk_size=0"],
@@ -52,6 +56,9 @@ TRL = {
     "trl-defaults": ("defaults", 4),
     "trl-padfree_liger": ("padfree_liger", 4),
     "trl-packing_liger": ("packing_liger", 2),
+    # TRL's own gradient checkpointing off (its default is on), for the lever's share in capyft's ratio
+    "trl-defaults-no-ckpt": ("defaults_no_ckpt", 4),
+    "trl-packing_liger-no-ckpt": ("packing_liger_no_ckpt", 2),
 }
 TINY_CPU = [
     "--trainer.accelerator=cpu",

@@ -61,7 +61,9 @@ def test_varlen_attention_equals_causal_attention_per_sequence(dtype, longest):
         torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance, msg=name)
 
 
-def tiny_lora_model(attn: str, dtype: torch.dtype = torch.float16, four_bit: bool = False):
+def tiny_lora_model(
+    attn: str, dtype: torch.dtype = torch.float16, four_bit: bool = False, dropout: float = 0.0, checkpointing=True
+):
     """A tiny random Llama on the GPU (head size 64, grouped heads) with LoRA, loaded the way capyft loads one."""
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
@@ -80,7 +82,7 @@ def tiny_lora_model(attn: str, dtype: torch.dtype = torch.float16, four_bit: boo
         config._attn_implementation = "sdpa"
         model = LlamaForCausalLM(config).to("cuda", dtype)
     prepare_base_model(model, attn)
-    return wrap_with_lora(model, build_lora_config(r=8, alpha=16, dropout=0.0), True).train()
+    return wrap_with_lora(model, build_lora_config(r=8, alpha=16, dropout=dropout), checkpointing).train()
 
 
 def copy_adapter(source, target) -> None:
@@ -118,6 +120,58 @@ def test_packed_training_step_equals_with_varlen_and_per_conversation_attention(
     copy_adapter(varlen, loop)
     batch = packed_batch(4, seed=1)
     assert_same_training(loss_and_grads(varlen, batch), loss_and_grads(loop, batch))
+
+
+def test_4bit_training_step_is_the_same_without_checkpointing():
+    """``gradient_checkpointing: auto`` turns recomputation off on large GPUs: with bitsandbytes 4-bit layers, LoRA
+    dropout and fp16 autocast the loss and gradients are those of the checkpointed step (the same dropout masks)."""
+    on = tiny_lora_model(PACKED_SDPA, four_bit=True, dropout=0.1, checkpointing=True)
+    off = tiny_lora_model(PACKED_SDPA, four_bit=True, dropout=0.1, checkpointing=False)
+    copy_adapter(on, off)
+    batch = packed_batch(4, seed=1)
+    steps = []
+    for model in (on, off):
+        torch.manual_seed(0)
+        steps.append(loss_and_grads(model, batch))
+    torch.testing.assert_close(steps[0][0], steps[1][0], rtol=1e-4, atol=1e-4)
+    assert steps[0][1].keys() == steps[1][1].keys() and steps[0][1]
+    for name in steps[0][1]:
+        torch.testing.assert_close(steps[1][1][name], steps[0][1][name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_activation_estimate_bounds_what_4bit_layers_keep_under_autocast():
+    """The estimate ``gradient_checkpointing: auto`` decides from, on the path it decides for: 4-bit layers with
+    LoRA dropout under fp16 autocast, varlen attention. Per token it neither undercounts what autograd keeps for
+    backward nor overcounts it by much."""
+    from capyft.sizing import activation_bytes_per_token, adapter_input_bytes
+
+    model = tiny_lora_model(PACKED_SDPA, four_bit=True, dropout=0.05, checkpointing=False)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def kept_bytes(batch) -> int:
+        kept: dict[int, int] = {}
+
+        def keep(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights:
+                kept[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with (
+            torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor),
+            torch.autocast("cuda", torch.float16),
+        ):
+            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        return sum(kept.values())
+
+    small, large = packed_batch(2, seed=1), packed_batch(4, seed=1)
+    tokens = large["input_ids"].numel() - small["input_ids"].numel()
+    per_token = (kept_bytes(large) - kept_bytes(small)) / tokens
+    config = model.config
+    in_flight = 2 * 12 * config.intermediate_size  # one layer's gradients during backward: not saved tensors
+    estimate = activation_bytes_per_token(config, False, adapter_input_bytes(True, 0.05, 2)) - in_flight
+    print(f"kept {per_token:.0f} bytes a token, estimated {estimate}")
+    assert per_token <= estimate <= 1.4 * per_token, (per_token, estimate)
 
 
 @pytest.mark.parametrize("four_bit", [False, True], ids=["16-bit", "4-bit"])

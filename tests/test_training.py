@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from capyft.cli import main
 from capyft.datamodule import ChatDataModule
 from capyft.model import QLoRAModule
+from capyft.modeling import set_gradient_checkpointing as set_checkpointing
 
 
 def test_fit_trains_adapter_only_and_logs(tmp_path, tiny_model, uneven_colors):
@@ -132,9 +133,12 @@ class GradRecorder(L.Callback):
             self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
 
 
-def first_step_grads(model_dir: Path, data: Path, batch, accumulate: int, tmp_path: Path, **data_args) -> dict:
+def first_step_grads(
+    model_dir: Path, data: Path, batch, accumulate: int, tmp_path: Path, model_args: dict | None = None, **data_args
+) -> dict:
     torch.manual_seed(0)
-    module = QLoRAModule(str(model_dir), load_in_4bit=False, compute_dtype="float32", lora_dropout=0.0, lora_r=4)
+    settings = {"load_in_4bit": False, "compute_dtype": "float32", "lora_dropout": 0.0, "lora_r": 4}
+    module = QLoRAModule(str(model_dir), **(settings | (model_args or {})))
     datamodule = ChatDataModule(
         str(model_dir),
         source=str(data),
@@ -184,6 +188,132 @@ def test_auto_batch_size_keeps_the_step_and_its_gradient(tmp_path, tiny_model, u
     for name in big:
         torch.testing.assert_close(auto[name], fixed[name], rtol=0, atol=0)  # the fixed 2 x 2 split, bit for bit
         torch.testing.assert_close(auto[name], big[name], rtol=1e-4, atol=1e-6)  # fp32 summation order only
+
+
+def test_checkpointing_off_trains_like_checkpointing_on(tmp_path, tiny_model, uneven_colors):
+    """What ``gradient_checkpointing: auto`` changes is memory and time, not the step: the first step's gradients
+    are the same with and without recomputation, LoRA dropout included (the recompute replays the same masks)."""
+    grads = {
+        on: first_step_grads(
+            tiny_model, uneven_colors, 2, 2, tmp_path, {"gradient_checkpointing": on, "lora_dropout": 0.1}
+        )
+        for on in (True, False)
+    }
+    plain = first_step_grads(tiny_model, uneven_colors, 2, 2, tmp_path, {"lora_dropout": 0.0})
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 1
+    for name in grads[True]:
+        torch.testing.assert_close(grads[False][name], grads[True][name], rtol=1e-5, atol=1e-8, msg=name)
+    assert any(
+        not torch.equal(grads[True][name], plain[name]) for name in plain if name != "accumulate"
+    )  # dropout acted
+
+
+def llama_shaped(dropout: float, checkpointing: bool):
+    """A 2-layer Llama with the 8B model's shape ratios (intermediate 3.5 x hidden, grouped heads), plain LoRA on
+    every linear layer, bf16 weights on CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from capyft.modeling import build_lora_config, wrap_with_lora
+
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=256,
+        intermediate_size=896,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).to(torch.bfloat16)
+    return wrap_with_lora(base, build_lora_config(r=4, alpha=8, dropout=dropout), checkpointing).train()
+
+
+def saved_activation_bytes(model, tokens: int) -> int:
+    """Bytes of the (non-parameter) tensors autograd keeps for backward after a forward pass over ``tokens``."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        model(input_ids=torch.randint(0, 128, (1, tokens)), use_cache=False)
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("dropout", [0.1, 0.0], ids=["lora-dropout", "no-dropout"])
+def test_activation_estimate_bounds_what_autograd_keeps_without_checkpointing(dropout):
+    """``gradient_checkpointing: auto`` turns checkpointing off from :func:`activation_bytes_per_token`: per token
+    it must not undercount what a layer keeps for backward, nor overcount it by much (a too-cautious estimate keeps
+    checkpointing where it is not needed). Plain LoRA in bf16 here; ``tests/test_gpu.py`` checks the 4-bit path."""
+    from capyft.sizing import activation_bytes_per_token, adapter_input_bytes
+
+    model = llama_shaped(dropout, checkpointing=False)
+    per_token = (saved_activation_bytes(model, 384) - saved_activation_bytes(model, 128)) / 256
+    adapter_bytes = adapter_input_bytes(load_in_4bit=False, lora_dropout=dropout, width=2)  # as QLoRAModule does
+    in_flight = 2 * 12 * model.config.intermediate_size  # one layer's gradients during backward: not saved tensors
+    estimate = activation_bytes_per_token(model.config, False, adapter_bytes, width=2) - in_flight
+    assert per_token <= estimate <= 1.25 * per_token, (per_token, estimate)
+    # with checkpointing, each layer keeps its input only: far less, which the checkpointed estimate covers
+    checkpointed = llama_shaped(dropout, checkpointing=True)
+    kept = (saved_activation_bytes(checkpointed, 384) - saved_activation_bytes(checkpointed, 128)) / 256
+    assert kept <= activation_bytes_per_token(checkpointed.config, True) and kept < per_token / 8
+
+
+def test_auto_checkpointing_turns_off_only_where_the_largest_micro_batch_fits(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from capyft import model as model_module
+    from capyft.sizing import CHECKPOINTING_HEADROOM, activation_bytes_per_token, checkpointing_needed
+
+    caplog.set_level("INFO", logger="capyft.model")
+    llama8b = SimpleNamespace(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8
+    )
+    assert activation_bytes_per_token(llama8b, True) == 606_208  # 0.58 MiB, the measured checkpointed slope
+    assert activation_bytes_per_token(llama8b, False, 3) == 10_240_000  # 9.8 MiB: 17x
+    assert checkpointing_needed(llama8b, 4 * 2048, 133 * 2**30) is None  # an H200 once the 8B model is loaded
+    reason = checkpointing_needed(llama8b, 2048, 2 * 2**30)  # an 8 GB card: one conversation a micro-batch
+    assert reason.startswith("a micro-batch of up to 2048 tokens would keep about 19.5 GiB of activations")
+    exact = 4 * 2048 * activation_bytes_per_token(llama8b, False, 3) / CHECKPOINTING_HEADROOM
+    assert checkpointing_needed(llama8b, 4 * 2048, int(exact) + 1) is None
+    assert checkpointing_needed(llama8b, 4 * 2048, int(exact) - 1) is not None
+
+    # the module: resolved at the start of training from the micro-batch bound and the free GPU memory
+    module = QLoRAModule("unused", load_in_4bit=True, gradient_checkpointing="auto", lora_dropout=0.05)
+    module.model = llama_shaped(0.05, checkpointing=True)
+    per_token = activation_bytes_per_token(module.model.config, False, 3)
+    module._trainer = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device("cuda", 0)),
+        datamodule=SimpleNamespace(micro_batch_token_bound=lambda: 1000),
+    )
+    for free, stays_on in [(1000 * per_token, True), (2 * 1000 * per_token, False)]:
+        monkeypatch.setattr(model_module, "usable_gpu_memory", lambda device, free=free: free)
+        set_checkpointing(module.model, True)
+        module._resolve_checkpointing()
+        assert module.checkpointing is stays_on, free
+        assert module.model.get_base_model().model.layers[0].gradient_checkpointing is stays_on
+    assert "gradient_checkpointing auto: on, a micro-batch of up to 1000 tokens" in caplog.text
+    assert "gradient_checkpointing auto: off, the micro-batches fit without it" in caplog.text
+    module._trainer.strategy.root_device = torch.device("cpu")
+    module._resolve_checkpointing()
+    assert module.checkpointing and "on, CUDA GPUs only" in caplog.text
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), datamodule=None)
+    assert "largest micro-batch is unknown" in module._checkpointing_obstacle()
+
+
+def test_micro_batch_token_bound_is_the_longest_conversations_times_the_micro_batch():
+    data = ChatDataModule("tok", batch_size=3, pad_to_multiple_of=8)
+    assert data.micro_batch_token_bound() is None  # not set up yet
+    from datasets import Dataset
+
+    data.splits = {"train": Dataset.from_dict({"input_ids": [[1] * 5, [1] * 37, [1] * 12]})}
+    assert data.micro_batch_token_bound() == 3 * 40
 
 
 def test_micro_batch_split_fits_the_budget_and_keeps_the_step():

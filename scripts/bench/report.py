@@ -17,8 +17,15 @@ def fmt(value: Any, digits: int = 0) -> str:
 
 
 def ratios(stacks: dict[str, dict[str, Any]], name: str) -> dict[str, float | None]:
-    """``name``'s speed over TRL defaults and over TRL's best setting, by mean and by median step."""
-    trl = {k: v for k, v in stacks.items() if k.startswith("trl-") and "#" not in k and v.get("real_tokens_per_s")}
+    """``name``'s speed over TRL defaults and over TRL's best setting, by mean and by median step.
+
+    TRL's settings are the targets' (its gradient checkpointing on, as TRL ships it); the ``-no-ckpt`` rows are
+    reported beside them, not counted here."""
+    trl = {
+        k: v
+        for k, v in stacks.items()
+        if k.startswith("trl-") and "#" not in k and "no-ckpt" not in k and v.get("real_tokens_per_s")
+    }
     ours = stacks.get(name, {})
     out: dict[str, float | None] = {}
     for key in ("real_tokens_per_s", "real_tokens_per_s_median_step"):

@@ -3,7 +3,8 @@
     python scripts/bench/trl_run.py --checkpoint DIR --data FILE --train-size 120 --setting defaults --out R.json
 
 Settings: ``defaults`` (pad to the longest in the batch), ``padfree_liger`` (``padding_free`` + ``use_liger_kernel``,
-``max_length=None``, which TRL requires without packing), ``packing_liger`` (``packing`` + ``use_liger_kernel``).
+``max_length=None``, which TRL requires without packing), ``packing_liger`` (``packing`` + ``use_liger_kernel``), and
+``defaults_no_ckpt`` / ``packing_liger_no_ckpt``: the same with TRL's gradient checkpointing off.
 Everything else is the reference recipe: nf4 + double quant, bf16 compute, LoRA r16 / alpha 32 / dropout 0.05 on
 all linear layers, paged AdamW 8-bit, lr 2e-4, TRL's default gradient checkpointing, one epoch.
 """
@@ -29,6 +30,8 @@ SETTINGS = {
     "defaults": {},
     "padfree_liger": {"padding_free": True, "use_liger_kernel": True, "max_length": None},
     "packing_liger": {"packing": True, "use_liger_kernel": True},
+    "defaults_no_ckpt": {"gradient_checkpointing": False},
+    "packing_liger_no_ckpt": {"packing": True, "use_liger_kernel": True, "gradient_checkpointing": False},
 }
 
 
