@@ -130,9 +130,10 @@ def disable_cpu_weight_packing(model: torch.nn.Module, disable: bool = True) -> 
 
 
 COMPILE_MIN_GPU_GIB = 16  # compile_layers auto: GPUs this large spare the ~0.7 GiB compiled layers take
-# compile_layers auto: fits this long earn back the compile. On an H200 (Llama-3.1-8B, 4k-token steps) compiling
-# added 45-65 s to a whole command and saved 0.12-0.24 s a step: even at about 200-500 steps.
-COMPILE_MIN_STEPS = 300
+# compile_layers auto: fits this long earn back the compile. On an H200 (Llama-3.1-8B, 4k-token steps, 2026-11-29)
+# compiling added ~90 s to a fit and saved 0.09 s a step without gradient checkpointing (0.536 -> 0.444 s: even at
+# ~1,000 steps); with checkpointing it added 45-65 s and saved 0.12-0.24 s (even at ~200-500 steps).
+COMPILE_MIN_STEPS = 1000
 
 
 def compile_wanted(setting: bool | str, device: torch.device | str, steps: int | None = None) -> bool:

@@ -72,7 +72,7 @@ class QLoRAModule(AnswerHooks, L.LightningModule):
             made 25k operator calls instead of 56k). Turns ``liger_kernels`` off (inductor fuses the same
             elementwise work). On an H200 (reference config, 4 x 1, one call): 6,829 real tokens/s by mean against
             4,992 and 5,837 for two eager stacks, +0.7 GiB, and 45-65 s more for the whole command (compiling).
-            ``auto``: on for fits of at least 300 optimizer steps (where the compile is earned back) on CUDA GPUs of
+            ``auto``: on for fits of at least 1,000 optimizer steps (where the compile is earned back) on CUDA GPUs of
             at least 16 GiB with triton and a C compiler; off for shorter fits (the reference's 125 steps), on
             smaller GPUs (they keep the memory), on CPU and under FSDP (never run compiled).
         fused_lora: run each 4-bit + LoRA linear as one autograd function (:mod:`capyft.fused_lora`): the same

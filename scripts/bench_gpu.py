@@ -37,6 +37,8 @@ CAPYFT = {
     "capyft-compile": ["--model.compile_layers=true"],
     # recomputation forced on: what gradient_checkpointing auto picks where the micro-batch does not fit without it
     "capyft-ckpt": ["--model.gradient_checkpointing=true"],
+    # the caching allocator growing segments in place instead of caching fixed blocks (less memory held unused)
+    "capyft-expandable": [],
     # packed attention one SDPA call per conversation instead of one varlen flash call per layer
     "capyft-loop": ["--model.attn_implementation=sdpa_packed_loop"],
     "capyft-bf16-compile": [
@@ -52,6 +54,8 @@ CAPYFT = {
     "capyft-no-offload": ["--model.offload_embeddings=false"],
     "capyft-no-chunk": ["--model.loss_chunk_size=0"],
 }
+# environment of a capyft stack's command, besides the offline settings
+CAPYFT_ENV = {"capyft-expandable": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}}
 TRL = {
     "trl-defaults": ("defaults", 4),
     "trl-padfree_liger": ("padfree_liger", 4),
@@ -100,7 +104,14 @@ def main() -> None:
         print(f"=== {label}", flush=True)
         if name in CAPYFT:
             result = user_path.fit(
-                label, checkpoint, data, out, args.train_size, extra + CAPYFT[name], args.stack_timeout
+                label,
+                checkpoint,
+                data,
+                out,
+                args.train_size,
+                extra + CAPYFT[name],
+                args.stack_timeout,
+                env=CAPYFT_ENV.get(name),
             )
         else:
             setting, batch = TRL[name]

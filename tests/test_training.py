@@ -416,7 +416,8 @@ def test_compile_layers_auto_compiles_on_large_cuda_gpus_only(monkeypatch, caplo
         props = SimpleNamespace(total_memory=gib * 2**30)
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, props=props: props)
         assert compile_wanted("auto", "cuda:0") is wanted, gib
-        assert compile_wanted("auto", "cuda:0", steps=300) is wanted, gib
+        assert compile_wanted("auto", "cuda:0", steps=1000) is wanted, gib
+        assert not compile_wanted("auto", "cuda:0", steps=999), gib
         assert not compile_wanted("auto", "cuda:0", steps=125), gib  # the reference fit: too short to earn it back
     assert "compile_layers auto: eager, 125 optimizer steps do not earn back the compile" in caplog.text
     assert "compile_layers auto: eager, a 12 GiB GPU keeps" in caplog.text

@@ -21,10 +21,12 @@ def fit(
     extra: list[str],
     timeout: float,
     config: Path = CONFIG,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Runs ``python -m capyft fit --config <reference>`` with path overrides (plus ``extra``) and summarizes it.
 
-    ``--data.train_size`` is set to the rows written for training (the reference's 500 exceed a short benchmark).
+    ``--data.train_size`` is set to the rows written for training (the reference's 500 exceed a short benchmark);
+    ``env`` adds to the command's environment.
     """
     save_dir = out / "runs" / name
     command = [
@@ -43,7 +45,7 @@ def fit(
     ]
     result: dict[str, Any] = {"stack": name, "command": " ".join(command[1:])}
     profile = {"BENCH_PROFILE_DIR": str(out / f"{name}-profile")}  # read by bench.step_profiler.StepProfiler, if on
-    result |= run_logged(command, out / f"{name}.log", timeout, env=profile)
+    result |= run_logged(command, out / f"{name}.log", timeout, env=profile | (env or {}))
     runs = sorted(save_dir.glob("*/version_*"))
     if runs:
         result["run_dir"] = str(runs[-1])
