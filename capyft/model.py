@@ -70,8 +70,9 @@ class QLoRAModule(AnswerHooks, L.LightningModule):
         compile_layers: regional ``torch.compile`` of each decoder layer during ``fit`` (one graph for all layers,
             dynamic lengths; validation and generation stay eager): less host work per step (an 8B step on an H200
             made 25k operator calls instead of 56k). Turns ``liger_kernels`` off (inductor fuses the same
-            elementwise work). On an H200 (reference config, 4 x 1, one call): 6,829 real tokens/s by mean against
-            4,992 and 5,837 for two eager stacks, +0.7 GiB, and 45-65 s more for the whole command (compiling).
+            elementwise work). On an H200 (reference config, 4 x 1, one call, no recomputation): 8,701 real tokens/s
+            by mean against 7,145 eager, and ~90 s more for the whole command (compiling); with recomputation 6,829
+            against 4,992-5,837, +0.7 GiB, 45-65 s of compiling.
             ``auto``: on for fits of at least 1,000 optimizer steps (where the compile is earned back) on CUDA GPUs of
             at least 16 GiB with triton and a C compiler; off for shorter fits (the reference's 125 steps), on
             smaller GPUs (they keep the memory), on CPU and under FSDP (never run compiled).
