@@ -94,12 +94,11 @@ def adapter_input_bytes(load_in_4bit: bool, lora_dropout: float, width: int) -> 
     return 4 + (4 if lora_dropout > 0 else 0)
 
 
-def token_budget_from_memory(
-    config: Any, device: torch.device, headroom: float = 0.8, checkpointing: bool = True
-) -> int:
-    """Tokens a training micro-batch can hold in the GPU memory still free (the model already loaded), at
-    :func:`activation_bytes_per_token`."""
-    return int(headroom * usable_gpu_memory(device) / activation_bytes_per_token(config, checkpointing))
+def token_budget_from_memory(config: Any, device: torch.device, headroom: float = 0.8) -> int:
+    """Tokens a training micro-batch can hold in the GPU memory still free (the model already loaded), with gradient
+    checkpointing (:func:`activation_bytes_per_token`): ``batch_size: auto`` splits a step by this budget first,
+    then ``gradient_checkpointing: auto`` sees whether the chosen micro-batch fits without recomputation."""
+    return int(headroom * usable_gpu_memory(device) / activation_bytes_per_token(config, checkpointing=True))
 
 
 # Share of the free GPU memory that activations kept without gradient checkpointing may plan to use
