@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 
@@ -148,3 +150,22 @@ def assert_prefill_matches_one_pass(model, input_ids, attention_mask, max_tokens
             torch.testing.assert_close(a[real], b[real], rtol=tolerance, atol=tolerance)
             assert not a[~real].any()
     return len(passes)
+
+
+def saved_activation_bytes(model, forward: Callable[[], Any]) -> int:
+    """Bytes of the tensors, other than ``model``'s parameters, that autograd keeps for backward while ``forward()``
+    runs (each storage counted once)."""
+    import torch
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        forward()
+    return sum(kept.values())

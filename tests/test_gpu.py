@@ -12,6 +12,7 @@ import contextlib
 
 import pytest
 import torch
+from helpers import saved_activation_bytes
 from test_packing import conversations, load_bench, tiny_llama_config
 
 from capyft.attention import PACKED_SDPA, PACKED_SDPA_LOOP, varlen_usable
@@ -146,23 +147,13 @@ def test_activation_estimate_bounds_what_4bit_layers_keep_under_autocast():
     from capyft.sizing import activation_bytes_per_token, adapter_input_bytes
 
     model = tiny_lora_model(PACKED_SDPA, four_bit=True, dropout=0.05, checkpointing=False)
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def kept_bytes(batch) -> int:
-        kept: dict[int, int] = {}
+        def forward():
+            with torch.autocast("cuda", torch.float16):
+                model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
 
-        def keep(tensor):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in weights:
-                kept[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        with (
-            torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor),
-            torch.autocast("cuda", torch.float16),
-        ):
-            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-        return sum(kept.values())
+        return saved_activation_bytes(model, forward)
 
     small, large = packed_batch(2, seed=1), packed_batch(4, seed=1)
     tokens = large["input_ids"].numel() - small["input_ids"].numel()

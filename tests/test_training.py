@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from helpers import REPO, fit_args, scalars
+from helpers import REPO, fit_args, saved_activation_bytes, scalars
 from safetensors.torch import load_file
 
 from capyft.cli import main
@@ -230,20 +230,14 @@ def llama_shaped(dropout: float, checkpointing: bool):
     return wrap_with_lora(base, build_lora_config(r=4, alpha=8, dropout=dropout), checkpointing).train()
 
 
-def saved_activation_bytes(model, tokens: int) -> int:
-    """Bytes of the (non-parameter) tensors autograd keeps for backward after a forward pass over ``tokens``."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
+def kept_per_token(model) -> float:
+    """Bytes autograd keeps for backward per token of a forward pass (the slope from 128 to 384 tokens)."""
 
-    def keep(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return tensor
+    def kept(tokens: int) -> int:
+        ids = torch.randint(0, 128, (1, tokens))
+        return saved_activation_bytes(model, lambda: model(input_ids=ids, use_cache=False))
 
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        model(input_ids=torch.randint(0, 128, (1, tokens)), use_cache=False)
-    return sum(kept.values())
+    return (kept(384) - kept(128)) / 256
 
 
 @pytest.mark.parametrize("dropout", [0.1, 0.0], ids=["lora-dropout", "no-dropout"])
@@ -254,14 +248,14 @@ def test_activation_estimate_bounds_what_autograd_keeps_without_checkpointing(dr
     from capyft.sizing import activation_bytes_per_token, adapter_input_bytes
 
     model = llama_shaped(dropout, checkpointing=False)
-    per_token = (saved_activation_bytes(model, 384) - saved_activation_bytes(model, 128)) / 256
+    per_token = kept_per_token(model)
     adapter_bytes = adapter_input_bytes(load_in_4bit=False, lora_dropout=dropout, width=2)  # as QLoRAModule does
     in_flight = 2 * 12 * model.config.intermediate_size  # one layer's gradients during backward: not saved tensors
     estimate = activation_bytes_per_token(model.config, False, adapter_bytes, width=2) - in_flight
     assert per_token <= estimate <= 1.25 * per_token, (per_token, estimate)
     # with checkpointing, each layer keeps its input only: far less, which the checkpointed estimate covers
     checkpointed = llama_shaped(dropout, checkpointing=True)
-    kept = (saved_activation_bytes(checkpointed, 384) - saved_activation_bytes(checkpointed, 128)) / 256
+    kept = kept_per_token(checkpointed)
     assert kept <= activation_bytes_per_token(checkpointed.config, True) and kept < per_token / 8
 
 
