@@ -300,6 +300,17 @@ def test_auto_checkpointing_turns_off_only_where_the_largest_micro_batch_fits(mo
     module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), datamodule=None)
     assert "largest micro-batch is unknown" in module._checkpointing_obstacle()
 
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    class OnAGPU(FSDPStrategy):
+        root_device = torch.device("cuda", 0)
+
+    module._trainer = SimpleNamespace(
+        strategy=OnAGPU.__new__(OnAGPU), datamodule=SimpleNamespace(micro_batch_token_bound=lambda: 1)
+    )
+    monkeypatch.setattr(model_module, "usable_gpu_memory", lambda device: 2**50)  # room to spare: only FSDP says no
+    assert module._checkpointing_obstacle() == "always under FSDP"
+
 
 def test_micro_batch_token_bound_is_the_longest_conversations_times_the_micro_batch():
     data = ChatDataModule("tok", batch_size=3, pad_to_multiple_of=8)
