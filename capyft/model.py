@@ -12,6 +12,7 @@ import torch
 
 from capyft import generation, reporting, training
 from capyft.answer_hooks import AnswerHooks
+from capyft.attention import PACKED_ATTENTION
 from capyft.checkpoints import base_model_fingerprint
 from capyft.checks import ConfigError
 from capyft.evaluation import BERTScoreSettings
@@ -29,7 +30,7 @@ from capyft.modeling import (
     to_dtype,
     wrap_with_lora,
 )
-from capyft.sizing import adapter_input_bytes, checkpointing_needed, usable_gpu_memory
+from capyft.sizing import EXPERT_KEYS, adapter_input_bytes, checkpointing_needed, norms_per_layer, usable_gpu_memory
 
 log = logging.getLogger(__name__)
 MONITOR = "val/loss"  # the one metric checkpoints and early stopping watch
@@ -294,14 +295,20 @@ class QLoRAModule(AnswerHooks, L.LightningModule):
             return "CUDA GPUs only (it sizes by free GPU memory)"
         if isinstance(self.trainer.strategy, FSDPStrategy):
             return "always under FSDP"
+        hp = self.hparams
+        if hp.attn_implementation not in ("sdpa", *PACKED_ATTENTION, "flash_attention_2", "flash_attention_3"):
+            return f"{hp.attn_implementation} attention keeps what the estimate does not count (SDPA and flash only)"
+        text = self.model.config.get_text_config()
+        if any((getattr(text, key, None) or 0) > 1 for key in EXPERT_KEYS):
+            return "mixture-of-experts layers keep what the estimate does not count (dense layers only)"
         bound = getattr(self.trainer.datamodule, "micro_batch_token_bound", None)
         tokens = bound() if callable(bound) else None
         if tokens is None:
             return "the largest micro-batch is unknown (no capyft data module)"
-        hp = self.hparams
         width = to_dtype(hp.compute_dtype).itemsize
         adapter_bytes = adapter_input_bytes(hp.load_in_4bit, hp.lora_dropout, width)
-        return checkpointing_needed(self.model.config, tokens, usable_gpu_memory(device), adapter_bytes, width)
+        usable = usable_gpu_memory(device)
+        return checkpointing_needed(text, tokens, usable, adapter_bytes, width, norms_per_layer(self.model))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if getattr(self, "_align_log_step", False):

@@ -44,7 +44,9 @@ def usable_gpu_memory(device: torch.device) -> int:
     return free + cached
 
 
-def activation_bytes_per_token(config: Any, checkpointing: bool, adapter_bytes: int = 3, width: int = 2) -> int:
+def activation_bytes_per_token(
+    config: Any, checkpointing: bool, adapter_bytes: int = 3, width: int = 2, norms: int = 2
+) -> int:
     """Bytes of training activations a token of a micro-batch holds at the peak of its backward pass.
 
     With gradient checkpointing: each layer's saved input (``hidden x layers``) plus one layer's recomputed
@@ -52,15 +54,17 @@ def activation_bytes_per_token(config: Any, checkpointing: bool, adapter_bytes: 
     H200 (+1.18 GiB peak from 2048 to 4096 tokens).
 
     Without it, every layer keeps what its backward needs (counted per layer, ``w`` the compute dtype's bytes):
-    both RMSNorms' float32 copies of their input (``2 x 4 x hidden``); the inputs of the attention, output, gate/up
-    and down projections (``w`` each); what each of the 7 adapters keeps of its own input, ``adapter_bytes`` per value
-    (QLoRA under autocast with LoRA dropout: the dropped-out copy in the compute dtype and a one-byte mask, ``w + 1``;
-    without dropout it shares the projection's input, 0; peft casts a plain LoRA adapter's input to float32 first);
-    attention's query and output plus key and value (``w x (2 x hidden + 2 x kv_dim)``); the SwiGLU's gate, its
-    activation and the up projection (``3 x w x intermediate``). Plus one layer's gradients in flight (as above).
+    each of its ``norms`` norms' float32 copy of its input (``4 x hidden``; Llama has 2 norms a layer, Gemma-3 6); the
+    inputs of the attention, output, gate/up and down projections (``w`` each); what each of the 7 adapters keeps of
+    its own input, ``adapter_bytes`` per value (QLoRA under autocast with LoRA dropout: the dropped-out copy in the
+    compute dtype and a one-byte mask, ``w + 1``; without dropout it shares the projection's input, 0; peft casts a
+    plain LoRA adapter's input to float32 first); attention's query and output plus key and value
+    (``w x (2 x hidden + 2 x kv_dim)``); the gated MLP's gate, its activation and the up projection
+    (``3 x w x intermediate``). Plus one layer's gradients in flight (as above).
     For Llama-3.1-8B, 4-bit with dropout, 16 bits: 9.8 MiB a token, 17x the checkpointed cost. The count follows
-    transformers' Llama layer with peft's LoRA; Liger's kernels keep less. ``tests/test_training.py`` checks it
-    against the tensors autograd saves.
+    transformers' Llama layer with peft's LoRA and attention that keeps no probabilities (SDPA's flash and
+    memory-efficient kernels, varlen flash); Liger's kernels and fused projections (Phi-3) keep less.
+    ``tests/test_training.py`` and ``tests/test_families.py`` check it against the tensors autograd saves.
     """
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden, layers = text.hidden_size, text.num_hidden_layers
@@ -73,7 +77,7 @@ def activation_bytes_per_token(config: Any, checkpointing: bool, adapter_bytes: 
         getattr(text, "head_dim", None) or hidden // heads
     )
     per_layer = (
-        2 * 4 * hidden  # the two RMSNorms' float32 inputs
+        norms * 4 * hidden  # each norm's float32 copy of its input
         + 3 * width * hidden  # inputs of q/k/v (one tensor), o and gate/up (one tensor) projections
         + width * intermediate  # the down projection's input
         + adapter_bytes * (6 * hidden + intermediate)  # adapters of q, k, v, o, gate, up (hidden wide) and down
@@ -81,6 +85,21 @@ def activation_bytes_per_token(config: Any, checkpointing: bool, adapter_bytes: 
         + 3 * width * intermediate  # gate output, its SiLU, up output
     )
     return layers * per_layer + in_flight
+
+
+def norms_per_layer(model: Any) -> int:
+    """Normalization modules in ``model``'s first decoder layer (RMSNorm or LayerNorm, Liger's included); 2 when the
+    model has no ``layers`` list to look into."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(base.get_decoder(), "layers", None) if hasattr(base, "get_decoder") else None
+    if not layers:
+        return 2
+    return sum("norm" in type(module).__name__.lower() for module in layers[0].modules())
+
+
+# Config keys of mixture-of-experts models: their routed layers keep more than a dense layer, which
+# activation_bytes_per_token counts
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 
 def adapter_input_bytes(load_in_4bit: bool, lora_dropout: float, width: int) -> int:
@@ -108,12 +127,12 @@ CHECKPOINTING_HEADROOM = 0.8
 
 
 def checkpointing_needed(
-    config: Any, tokens: int, usable_bytes: int, adapter_bytes: int = 3, width: int = 2
+    config: Any, tokens: int, usable_bytes: int, adapter_bytes: int = 3, width: int = 2, norms: int = 2
 ) -> str | None:
     """Why a micro-batch of up to ``tokens`` tokens needs gradient checkpointing with ``usable_bytes`` of GPU memory
     free (the model loaded), or None when its activations fit without it (:func:`activation_bytes_per_token`,
     within :data:`CHECKPOINTING_HEADROOM` of the free memory)."""
-    needed = tokens * activation_bytes_per_token(config, False, adapter_bytes, width)
+    needed = tokens * activation_bytes_per_token(config, False, adapter_bytes, width, norms)
     budget = CHECKPOINTING_HEADROOM * usable_bytes
     if needed <= budget:
         return None

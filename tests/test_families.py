@@ -284,3 +284,36 @@ def test_decode_attention_with_grouped_heads_equals_expanded_heads(mask):
     if mask != "none":  # the padding matters: attending to it would give other outputs
         unmasked, _ = sdpa_attention_forward(module, query, key, value, None, scaling=0.3)
         assert not torch.allclose(unmasked[0], theirs[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("family", [name for name, (_, _, attn) in FAMILIES.items() if attn != "eager"])
+def test_activation_estimate_bounds_each_familys_layers(family):
+    """``gradient_checkpointing: auto`` turns recomputation off from :func:`activation_bytes_per_token`, with the
+    norms it counts in the model's layer: per token the estimate covers what autograd keeps for backward in every
+    family it decides for (LoRA with dropout on every linear layer, packed rows), and is not far above it. Gemma-2
+    trains with eager attention, which keeps its probabilities: ``auto`` keeps recomputation there."""
+    from helpers import saved_activation_bytes
+
+    from capyft.modeling import build_lora_config, wrap_with_lora
+    from capyft.sizing import activation_bytes_per_token, adapter_input_bytes, norms_per_layer
+
+    model = wrap_with_lora(
+        family_model(family).to(torch.bfloat16), build_lora_config(r=4, alpha=8, dropout=0.1), False
+    ).train()
+    decoder = model.get_base_model().get_decoder()
+
+    def kept(count: int) -> int:  # conversations as long as the window: no banded mask, as in a long packed row
+        generator = torch.Generator().manual_seed(count)
+        ids = torch.randint(3, VOCAB, (count, WINDOW), generator=generator).tolist()
+        batch = ChatCollator(pad_id=0, padding_free=True)([{"input_ids": i, "labels": i} for i in ids])
+        packed = PackedRow.from_position_ids(batch["position_ids"]).attention_kwargs("cpu")
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        return saved_activation_bytes(model, lambda: decoder(**inputs, **packed))
+
+    per_token = (kept(48) - kept(16)) / (32 * WINDOW)
+    config = model.config.get_text_config()
+    in_flight = 2 * 12 * config.intermediate_size  # one layer's gradients during backward: not saved tensors
+    norms = norms_per_layer(model)
+    assert norms == {"gemma3": 6, "cohere": 1}.get(family, 2)
+    estimate = activation_bytes_per_token(config, False, adapter_input_bytes(False, 0.1, 2), norms=norms) - in_flight
+    assert per_token <= estimate <= 1.5 * per_token, (per_token, estimate)

@@ -300,6 +300,13 @@ def test_auto_checkpointing_turns_off_only_where_the_largest_micro_batch_fits(mo
     module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), datamodule=None)
     assert "largest micro-batch is unknown" in module._checkpointing_obstacle()
 
+    module.model.config.num_local_experts = 8  # a mixture of experts: not what the estimate counts
+    assert module._checkpointing_obstacle().startswith("mixture-of-experts layers")
+    del module.model.config.num_local_experts
+    module.hparams.attn_implementation = "eager"  # keeps each layer's attention probabilities
+    assert module._checkpointing_obstacle().startswith("eager attention keeps what the estimate does not count")
+    module.hparams.attn_implementation = "sdpa_packed"
+
     from lightning.pytorch.strategies import FSDPStrategy
 
     class OnAGPU(FSDPStrategy):
