@@ -195,6 +195,16 @@ def _need(ok: bool, key: str, value: Any, fix: str) -> None:
         raise ConfigError(f"{key}: {value!r} {fix}")
 
 
+def check_gpu_memory_cap() -> None:
+    """Fails on a ``CAPYFT_GPU_MEMORY_GIB`` that is not a positive number of GiB, before the model loads."""
+    from capyft.sizing import gpu_memory_cap
+
+    try:
+        gpu_memory_cap()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def check_model_values(model: Mapping[str, Any], prefix: str = "model") -> None:
     """Fails on ``model.*`` values no run can use, before the model loads (a negative learning rate otherwise ends
     in a torch traceback at the first optimizer step, a LoRA rank of 0 after the base model loaded).

@@ -135,6 +135,7 @@ class CapyCLI(LightningCLI):
         if self.subcommand != "fit":
             checkpoints.log_into_run_dir(config)
         checks.check_run_outputs(config.trainer.as_dict(), config.checkpoint.as_dict())
+        checks.check_gpu_memory_cap()
 
     def before_fit(self) -> None:
         self._check_max_length()

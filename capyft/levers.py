@@ -156,7 +156,10 @@ def _auto_compile_obstacle(device: torch.device, steps: int | None) -> str | Non
         return f"{steps} optimizer steps do not earn back the compile (it pays from about {COMPILE_MIN_STEPS})"
     if device.type != "cuda":
         return "CUDA GPUs only"
-    total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    from capyft.sizing import gpu_memory_cap
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    total_gib = min(total, gpu_memory_cap() or total) / 2**30  # CAPYFT_GPU_MEMORY_GIB: the GPU it stands in for
     if total_gib < COMPILE_MIN_GPU_GIB:
         gpu = f"a {total_gib:.0f} GiB GPU"
         return f"{gpu} keeps the ~0.7 GiB compiled layers add (compiles from {COMPILE_MIN_GPU_GIB} GiB)"

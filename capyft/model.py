@@ -30,7 +30,14 @@ from capyft.modeling import (
     to_dtype,
     wrap_with_lora,
 )
-from capyft.sizing import EXPERT_KEYS, adapter_input_bytes, checkpointing_needed, norms_per_layer, usable_gpu_memory
+from capyft.sizing import (
+    EXPERT_KEYS,
+    adapter_input_bytes,
+    cap_gpu_memory,
+    checkpointing_needed,
+    norms_per_layer,
+    usable_gpu_memory,
+)
 
 log = logging.getLogger(__name__)
 MONITOR = "val/loss"  # the one metric checkpoints and early stopping watch
@@ -174,6 +181,7 @@ class QLoRAModule(AnswerHooks, L.LightningModule):
         self._compiled = bool(fitting) and auto_ok and compile_wanted(wanted, device, self._planned_steps())
         if fsdp:
             check_fsdp(self.trainer.strategy.kwargs, hp.load_in_4bit, hp.quant_storage, dtype, self.trainer.precision)
+        cap_gpu_memory(device)  # CAPYFT_GPU_MEMORY_GIB, before anything is loaded
         quantization = build_quantization_config(
             hp.load_in_4bit, hp.quant_type, hp.double_quant, dtype, hp.quant_storage
         )

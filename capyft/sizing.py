@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +13,8 @@ from typing import Any
 import torch
 
 from capyft.generation import PREFILL_TOKENS
+
+log = logging.getLogger(__name__)
 
 # Most prompts per generation batch with ``eval_batch_size: auto``: a bound on the KV cache one batch holds (and on
 # the risk of running out) that still takes the reference case's 200 test prompts in one batch, which Llama-3.1-8B
@@ -37,11 +41,51 @@ def micro_batch_split(step_size: int, max_length: int, token_budget: int | None)
     return batch, step_size // batch
 
 
+# Most GPU memory, in GiB, that a capyft process may use on its device: a GPU shared with other work, or a larger GPU
+# standing in for a smaller one. Unset: all of it.
+GPU_MEMORY_ENV = "CAPYFT_GPU_MEMORY_GIB"
+
+
+def gpu_memory_cap() -> int | None:
+    """Bytes of GPU memory this process may use (``CAPYFT_GPU_MEMORY_GIB``), or None when unset.
+
+    Raises:
+        ValueError: the value is not a positive number of GiB; the message names the variable.
+    """
+    value = os.environ.get(GPU_MEMORY_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        gib = float(value)
+    except ValueError:
+        gib = float("nan")
+    if not gib > 0 or gib == float("inf"):
+        raise ValueError(
+            f"{GPU_MEMORY_ENV}={value!r}: give the GiB this process may use on its GPU, e.g. 7.5, or unset it"
+        )
+    return int(gib * 2**30)
+
+
+def cap_gpu_memory(device: torch.device) -> None:
+    """Holds this process to ``CAPYFT_GPU_MEMORY_GIB`` on ``device``: PyTorch's caching allocator refuses to reserve
+    more (an out-of-memory error past it, as on a GPU of that size), and :func:`usable_gpu_memory` counts no more.
+    The CUDA context (a few hundred MiB) is outside the cap. Nothing to do when unset or off CUDA."""
+    cap = gpu_memory_cap()
+    if cap is None or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    log.info("%s: this process uses at most %.2f GiB of the GPU's %.2f GiB", GPU_MEMORY_ENV, cap / 2**30, total / 2**30)
+
+
 def usable_gpu_memory(device: torch.device) -> int:
-    """Bytes this process can still use on ``device``: free on the GPU plus what its caching allocator holds unused."""
+    """Bytes this process can still use on ``device``: free on the GPU plus what its caching allocator holds unused,
+    and no more than ``CAPYFT_GPU_MEMORY_GIB`` less what it has allocated."""
     free, _ = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return free + cached
+    allocated = torch.cuda.memory_allocated(device)
+    usable = free + torch.cuda.memory_reserved(device) - allocated
+    cap = gpu_memory_cap()
+    return max(0, min(usable, cap - allocated)) if cap is not None else usable
 
 
 def activation_bytes_per_token(

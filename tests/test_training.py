@@ -319,6 +319,59 @@ def test_auto_checkpointing_turns_off_only_where_the_largest_micro_batch_fits(mo
     assert module._checkpointing_obstacle() == "always under FSDP"
 
 
+def test_gpu_memory_cap_holds_the_process_to_the_gib_it_names(monkeypatch, tmp_path, tiny_model, uneven_colors):
+    """``CAPYFT_GPU_MEMORY_GIB``: a GPU shared with other work, or a large GPU standing in for a small one. The
+    allocator is held to it and every ``auto`` sizes from it; a value that is no size fails before anything loads."""
+    from types import SimpleNamespace
+
+    from capyft import sizing
+    from capyft.checks import ConfigError
+    from capyft.levers import compile_toolchain_missing, compile_wanted
+
+    gib = 2**30
+    monkeypatch.delenv("CAPYFT_GPU_MEMORY_GIB", raising=False)
+    assert sizing.gpu_memory_cap() is None
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (100 * gib, 141 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 7 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 5 * gib)
+    cuda = torch.device("cuda", 0)
+    assert sizing.usable_gpu_memory(cuda) == 102 * gib  # free + cached: all of an H200's
+    monkeypatch.setenv("CAPYFT_GPU_MEMORY_GIB", "7.5")
+    assert sizing.gpu_memory_cap() == int(7.5 * gib)
+    assert sizing.usable_gpu_memory(cuda) == int(2.5 * gib)  # 7.5 less the 5 GiB allocated
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 8 * gib)
+    assert sizing.usable_gpu_memory(cuda) == 0
+
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=150 * gib))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device: fractions.append((f, device)))
+    sizing.cap_gpu_memory(torch.device("cpu"))
+    sizing.cap_gpu_memory(cuda)
+    assert fractions == [(7.5 / 150, cuda)]
+    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
+    assert not compile_wanted("auto", cuda, steps=5000)  # an "8 GB" GPU keeps its memory, as a real one does
+    monkeypatch.setenv("CAPYFT_GPU_MEMORY_GIB", "40")
+    assert compile_wanted("auto", cuda, steps=5000) is (compile_toolchain_missing("cuda") is None)
+
+    for bad in ("0", "-2", "lots", "inf"):
+        monkeypatch.setenv("CAPYFT_GPU_MEMORY_GIB", bad)
+        with pytest.raises(ValueError, match="CAPYFT_GPU_MEMORY_GIB"):
+            sizing.gpu_memory_cap()
+    with pytest.raises(ConfigError, match=r"CAPYFT_GPU_MEMORY_GIB='inf': give the GiB this process may use"):
+        main(fit_args(tmp_path, tiny_model, uneven_colors))
+    assert not (tmp_path / "runs").exists()  # nothing written, no model loaded
+
+    from capyft import model as model_module
+
+    calls = []  # the module applies the cap on its own device, before it loads the model
+    load = model_module.load_base_model
+    monkeypatch.delenv("CAPYFT_GPU_MEMORY_GIB")
+    monkeypatch.setattr(model_module, "cap_gpu_memory", lambda device: calls.append(device))
+    monkeypatch.setattr(model_module, "load_base_model", lambda *a, **k: calls.append("load") or load(*a, **k))
+    cli = main(fit_args(tmp_path, tiny_model, uneven_colors, "--trainer.max_steps=1"))
+    assert calls == [cli.trainer.strategy.root_device, "load"]
+
+
 def test_micro_batch_token_bound_is_the_longest_conversations_times_the_micro_batch():
     data = ChatDataModule("tok", batch_size=3, pad_to_multiple_of=8)
     assert data.micro_batch_token_bound() is None  # not set up yet

@@ -53,8 +53,11 @@ def fit(
     return result
 
 
-def test(name: str, run_dir: Path, out: Path, extra: list[str], timeout: float) -> dict[str, Any]:
-    """Times ``python -m capyft test --config <run>/config.yaml --ckpt_path last --model.compare_base true``."""
+def test(
+    name: str, run_dir: Path, out: Path, extra: list[str], timeout: float, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Times ``python -m capyft test --config <run>/config.yaml --ckpt_path last --model.compare_base true``
+    (``env`` adds to its environment)."""
     command = [
         python(),
         "-m",
@@ -70,7 +73,7 @@ def test(name: str, run_dir: Path, out: Path, extra: list[str], timeout: float) 
         *extra,
     ]
     result: dict[str, Any] = {"stack": name, "command": " ".join(command[1:])}
-    result |= run_logged(command, out / f"{name}.log", timeout)
+    result |= run_logged(command, out / f"{name}.log", timeout, env=env)
     tests = sorted(run_dir.parent.glob("version_*"))
     for run in reversed(tests):  # the test run logs into a new version dir
         values = scalar_events(run)
