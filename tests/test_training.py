@@ -192,7 +192,8 @@ def test_auto_batch_size_keeps_the_step_and_its_gradient(tmp_path, tiny_model, u
 
 def test_checkpointing_off_trains_like_checkpointing_on(tmp_path, tiny_model, uneven_colors):
     """What ``gradient_checkpointing: auto`` changes is memory and time, not the step: the first step's gradients
-    are the same with and without recomputation, LoRA dropout included (the recompute replays the same masks)."""
+    are the same with and without recomputation, bit for bit in float32 on CPU, LoRA dropout included (the recompute
+    replays the same masks)."""
     grads = {
         on: first_step_grads(
             tiny_model, uneven_colors, 2, 2, tmp_path, {"gradient_checkpointing": on, "lora_dropout": 0.1}
@@ -202,7 +203,7 @@ def test_checkpointing_off_trains_like_checkpointing_on(tmp_path, tiny_model, un
     plain = first_step_grads(tiny_model, uneven_colors, 2, 2, tmp_path, {"lora_dropout": 0.0})
     assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 1
     for name in grads[True]:
-        torch.testing.assert_close(grads[False][name], grads[True][name], rtol=1e-5, atol=1e-8, msg=name)
+        torch.testing.assert_close(grads[False][name], grads[True][name], rtol=0, atol=0, msg=name)
     assert any(
         not torch.equal(grads[True][name], plain[name]) for name in plain if name != "accumulate"
     )  # dropout acted
