@@ -36,6 +36,7 @@ from capyft.sizing import (
     cap_gpu_memory,
     checkpointing_needed,
     norms_per_layer,
+    usable_cpu_memory,
     usable_gpu_memory,
 )
 
@@ -65,9 +66,10 @@ class QLoRAModule(AnswerHooks, L.LightningModule):
         use_rslora: rank-stabilized scaling.
         gradient_checkpointing: recompute activations in backward (non-reentrant): far less memory, ~30% more time.
             ``auto``: off for a fit whose largest micro-batch (conversations per micro-batch x the longest training
-            conversation) fits without it in the CUDA GPU memory free once the model is loaded
-            (:func:`capyft.sizing.checkpointing_needed`), else on; on on CPU and under FSDP. Decided at the start of
-            training and logged; the loss and gradients are the same either way.
+            conversation) fits without it in the memory free once the model is loaded (the CUDA GPU's, or on CPU the
+            host's ``MemAvailable``; :func:`capyft.sizing.checkpointing_needed`), else on; on under FSDP, with eager
+            attention and for mixtures of experts. Decided at the start of training and logged; the loss and
+            gradients are the same either way.
         attn_implementation: ``sdpa_packed`` (default: PyTorch SDPA; with ``data.padding_free`` each packed
             conversation runs through causal flash attention, never across conversations), ``sdpa``, ``eager``,
             ``flash_attention_2`` or ``flex_attention``.
@@ -299,8 +301,8 @@ class QLoRAModule(AnswerHooks, L.LightningModule):
         from lightning.pytorch.strategies import FSDPStrategy
 
         device = self.trainer.strategy.root_device
-        if device.type != "cuda":
-            return "CUDA GPUs only (it sizes by free GPU memory)"
+        if device.type not in ("cuda", "cpu"):
+            return "CUDA GPUs and CPUs only (it sizes by their free memory)"
         if isinstance(self.trainer.strategy, FSDPStrategy):
             return "always under FSDP"
         hp = self.hparams
@@ -313,9 +315,12 @@ class QLoRAModule(AnswerHooks, L.LightningModule):
         tokens = bound() if callable(bound) else None
         if tokens is None:
             return "the largest micro-batch is unknown (no capyft data module)"
+        cuda = device.type == "cuda"
+        usable = usable_gpu_memory(device) if cuda else usable_cpu_memory()
+        if usable is None:
+            return "this system does not tell the host memory available"
         width = to_dtype(hp.compute_dtype).itemsize
-        adapter_bytes = adapter_input_bytes(hp.load_in_4bit, hp.lora_dropout, width)
-        usable = usable_gpu_memory(device)
+        adapter_bytes = adapter_input_bytes(hp.load_in_4bit, hp.lora_dropout, width, cuda)
         return checkpointing_needed(text, tokens, usable, adapter_bytes, width, norms_per_layer(self.model))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

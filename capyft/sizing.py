@@ -146,15 +146,28 @@ def norms_per_layer(model: Any) -> int:
 EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 
-def adapter_input_bytes(load_in_4bit: bool, lora_dropout: float, width: int) -> int:
+def adapter_input_bytes(load_in_4bit: bool, lora_dropout: float, width: int, cuda: bool = True) -> int:
     """Bytes per input value that a LoRA adapter keeps for backward besides its layer's input
-    (:func:`activation_bytes_per_token`'s ``adapter_bytes``). On bitsandbytes' 4-bit layers under autocast peft
+    (:func:`activation_bytes_per_token`'s ``adapter_bytes``). On bitsandbytes' 4-bit layers under CUDA autocast peft
     feeds the adapter the input as it is: with dropout a dropped-out copy in the compute dtype plus the mask (one
-    byte on CUDA), without it nothing. On plain layers peft first casts the input to float32 (4 bytes), and dropout
-    adds its mask, counted at 4 bytes, as CPU dropout keeps it."""
-    if load_in_4bit:
+    byte on CUDA), without it nothing. Elsewhere (plain layers, or 4-bit ones under CPU autocast, which peft does not
+    recognize as autocast) peft first casts the input to float32 (4 bytes), and dropout adds its mask, counted at 4
+    bytes, as CPU dropout keeps it."""
+    if load_in_4bit and cuda:
         return width + 1 if lora_dropout > 0 else 0
     return 4 + (4 if lora_dropout > 0 else 0)
+
+
+def usable_cpu_memory() -> int | None:
+    """Bytes of host memory available to a new allocation (Linux's ``MemAvailable``), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def token_budget_from_memory(config: Any, device: torch.device, headroom: float = 0.8) -> int:
@@ -164,17 +177,17 @@ def token_budget_from_memory(config: Any, device: torch.device, headroom: float 
     return int(headroom * usable_gpu_memory(device) / activation_bytes_per_token(config, checkpointing=True))
 
 
-# Share of the free GPU memory that activations kept without gradient checkpointing may plan to use
-# (``gradient_checkpointing: auto``); the rest covers the optimizer's state, the allocator's fragmentation and what
-# the estimate leaves out.
+# Share of the free memory (GPU, or host memory on CPU) that activations kept without gradient checkpointing may
+# plan to use (``gradient_checkpointing: auto``); the rest covers the optimizer's state, the allocator's
+# fragmentation and what the estimate leaves out.
 CHECKPOINTING_HEADROOM = 0.8
 
 
 def checkpointing_needed(
     config: Any, tokens: int, usable_bytes: int, adapter_bytes: int = 3, width: int = 2, norms: int = 2
 ) -> str | None:
-    """Why a micro-batch of up to ``tokens`` tokens needs gradient checkpointing with ``usable_bytes`` of GPU memory
-    free (the model loaded), or None when its activations fit without it (:func:`activation_bytes_per_token`,
+    """Why a micro-batch of up to ``tokens`` tokens needs gradient checkpointing with ``usable_bytes`` of memory free
+    on its device (the model loaded), or None when its activations fit without it (:func:`activation_bytes_per_token`,
     within :data:`CHECKPOINTING_HEADROOM` of the free memory)."""
     needed = tokens * activation_bytes_per_token(config, False, adapter_bytes, width, norms)
     budget = CHECKPOINTING_HEADROOM * usable_bytes
@@ -182,7 +195,7 @@ def checkpointing_needed(
         return None
     return (
         f"a micro-batch of up to {tokens} tokens would keep about {needed / 2**30:.1f} GiB of activations without it, "
-        f"more than {budget / 2**30:.1f} GiB ({CHECKPOINTING_HEADROOM:.0%} of the free GPU memory)"
+        f"more than {budget / 2**30:.1f} GiB ({CHECKPOINTING_HEADROOM:.0%} of the free memory)"
     )
 
 

@@ -260,6 +260,36 @@ def test_activation_estimate_bounds_what_autograd_keeps_without_checkpointing(dr
     assert kept <= activation_bytes_per_token(checkpointed.config, True) and kept < per_token / 8
 
 
+def test_activation_estimate_bounds_4bit_layers_under_cpu_autocast(tiny_model):
+    """The demo's path: bitsandbytes 4-bit layers with LoRA dropout under bf16 autocast on CPU, where peft casts
+    each adapter's input to float32 (it tells autocast by CUDA's flag), which ``adapter_input_bytes`` counts."""
+    from capyft.modeling import build_lora_config, build_quantization_config, load_base_model, wrap_with_lora
+    from capyft.sizing import activation_bytes_per_token, adapter_input_bytes, norms_per_layer, usable_cpu_memory
+
+    quantization = build_quantization_config(True, "nf4", True, "bfloat16", None)
+    cpu = torch.device("cpu")
+    base = load_base_model(
+        str(tiny_model), quantization, "bfloat16", "sdpa_packed", cpu, liger_kernels=False, offload_embeddings=False
+    )
+    model = wrap_with_lora(base, build_lora_config(r=4, alpha=8, dropout=0.1), False).train()
+
+    def kept(tokens: int) -> int:
+        ids = torch.randint(3, 200, (1, tokens))
+
+        def forward():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model(input_ids=ids, use_cache=False)
+
+        return saved_activation_bytes(model, forward)
+
+    per_token = (kept(384) - kept(128)) / 256
+    in_flight = 2 * 12 * model.config.intermediate_size  # one layer's gradients during backward: not saved tensors
+    adapter_bytes = adapter_input_bytes(load_in_4bit=True, lora_dropout=0.1, width=2, cuda=False)
+    estimate = activation_bytes_per_token(model.config, False, adapter_bytes, norms=norms_per_layer(model)) - in_flight
+    assert per_token <= estimate <= 1.5 * per_token, (per_token, estimate)
+    assert usable_cpu_memory() > 2**28  # Linux tells MemAvailable
+
+
 def test_auto_checkpointing_turns_off_only_where_the_largest_micro_batch_fits(monkeypatch, caplog):
     from types import SimpleNamespace
 
@@ -295,9 +325,17 @@ def test_auto_checkpointing_turns_off_only_where_the_largest_micro_batch_fits(mo
         assert module.model.get_base_model().model.layers[0].gradient_checkpointing is stays_on
     assert "gradient_checkpointing auto: on, a micro-batch of up to 1000 tokens" in caplog.text
     assert "gradient_checkpointing auto: off, the micro-batches fit without it" in caplog.text
+    # on CPU from the host memory available; 4-bit layers under CPU autocast keep float32 adapter inputs (8 bytes)
     module._trainer.strategy.root_device = torch.device("cpu")
-    module._resolve_checkpointing()
-    assert module.checkpointing and "on, CUDA GPUs only" in caplog.text
+    on_cpu = activation_bytes_per_token(module.model.config, False, 8)
+    for free, stays_on in [(1000 * on_cpu, True), (2 * 1000 * on_cpu, False), (None, True)]:
+        monkeypatch.setattr(model_module, "usable_cpu_memory", lambda free=free: free)
+        set_checkpointing(module.model, True)
+        module._resolve_checkpointing()
+        assert module.checkpointing is stays_on, free
+    assert "on, this system does not tell the host memory available" in caplog.text
+    module._trainer.strategy.root_device = torch.device("mps")
+    assert module._checkpointing_obstacle() == "CUDA GPUs and CPUs only (it sizes by their free memory)"
     module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), datamodule=None)
     assert "largest micro-batch is unknown" in module._checkpointing_obstacle()
 
