@@ -65,7 +65,7 @@ class QLoRAModule(AnswerHooks, L.LightningModule):
         use_dora: weight-decomposed LoRA.
         use_rslora: rank-stabilized scaling.
         gradient_checkpointing: recompute activations in backward (non-reentrant): far less memory, ~30% more time.
-            ``auto``: off for a fit whose largest micro-batch (conversations per micro-batch x the longest training
+            ``auto`` (the default): off for a fit whose largest micro-batch (conversations per micro-batch x the longest training
             conversation) fits without it in the memory free once the model is loaded (the CUDA GPU's, or on CPU the
             host's ``MemAvailable``; :func:`capyft.sizing.checkpointing_needed`), else on; on under FSDP, with eager
             attention and for mixtures of experts. Decided at the start of training and logged; the loss and
@@ -122,7 +122,7 @@ class QLoRAModule(AnswerHooks, L.LightningModule):
         target_modules: list[str] | str = "all-linear",
         use_dora: bool = False,
         use_rslora: bool = False,
-        gradient_checkpointing: bool | Literal["auto"] = True,
+        gradient_checkpointing: bool | Literal["auto"] = "auto",
         attn_implementation: str = "sdpa_packed",
         liger_kernels: bool = True,
         offload_embeddings: bool = True,
