@@ -65,11 +65,11 @@ class QLoRAModule(AnswerHooks, L.LightningModule):
         use_dora: weight-decomposed LoRA.
         use_rslora: rank-stabilized scaling.
         gradient_checkpointing: recompute activations in backward (non-reentrant): far less memory, ~30% more time.
-            ``auto`` (the default): off for a fit whose largest micro-batch (conversations per micro-batch x the longest training
-            conversation) fits without it in the memory free once the model is loaded (the CUDA GPU's, or on CPU the
-            host's ``MemAvailable``; :func:`capyft.sizing.checkpointing_needed`), else on; on under FSDP, with eager
-            attention and for mixtures of experts. Decided at the start of training and logged; the loss and
-            gradients are the same either way.
+            ``auto`` (the default): off for a fit whose largest micro-batch (conversations per micro-batch x the
+            longest training conversation) fits without it in the memory free once the model is loaded (the CUDA
+            GPU's, or on CPU the host's ``MemAvailable``; :func:`capyft.sizing.checkpointing_needed`), else on; on
+            under FSDP, with eager attention and for mixtures of experts. Decided at the start of training and
+            logged; the loss and gradients are the same either way.
         attn_implementation: ``sdpa_packed`` (default: PyTorch SDPA; with ``data.padding_free`` each packed
             conversation runs through causal flash attention, never across conversations), ``sdpa``, ``eager``,
             ``flash_attention_2`` or ``flex_attention``.
