@@ -138,6 +138,7 @@ def first_step_grads(
 ) -> dict:
     torch.manual_seed(0)
     settings = {"load_in_4bit": False, "compute_dtype": "float32", "lora_dropout": 0.0, "lora_r": 4}
+    settings["gradient_checkpointing"] = True  # the path these tests covered before auto became the default
     module = QLoRAModule(str(model_dir), **(settings | (model_args or {})))
     datamodule = ChatDataModule(
         str(model_dir),
