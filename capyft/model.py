@@ -292,7 +292,8 @@ class QLoRAModule(AnswerHooks, L.LightningModule):
     def _resolve_checkpointing(self) -> None:
         """``gradient_checkpointing: auto``: off when the fit's largest micro-batch fits without it, else on."""
         reason = self._checkpointing_obstacle()
-        set_gradient_checkpointing(self.model, reason is not None)
+        if reason is None:  # configure_model turned it on
+            set_gradient_checkpointing(self.model, False)
         log.info(
             "gradient_checkpointing auto: %s", f"on, {reason}" if reason else "off, the micro-batches fit without it"
         )

@@ -181,15 +181,23 @@ def wrap_with_lora(model: Any, lora_config: Any, gradient_checkpointing: bool = 
 
 def set_gradient_checkpointing(model: Any, on: bool) -> None:
     """Turns activation checkpointing of the decoder layers on (non-reentrant) or off, before or after LoRA wraps
-    ``model``. On, the embeddings' output requires grad, so checkpointed layers see an input that needs a gradient."""
+    ``model``. On, the embeddings' output requires grad, so checkpointed layers see an input that needs a gradient;
+    off, nothing does."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if on:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
-    else:
-        base.gradient_checkpointing_disable()
-        if getattr(base, "_require_grads_hook", None) is not None:
-            base.disable_input_require_grads()
+        if getattr(base, "_require_grads_hook", None) is None:  # transformers 5 registers it in the line above
+            base.enable_input_require_grads()
+        return
+    base.gradient_checkpointing_disable()
+    # transformers (enabling checkpointing) and peft (wrapping a checkpointed model) each register a hook named
+    # make_inputs_require_grad(s) and keep a handle to the last one only: remove them all by name
+    embeddings = base.get_input_embeddings()
+    for key, hook in list(embeddings._forward_hooks.items()):
+        if getattr(hook, "__name__", "").startswith("make_inputs_require_grad"):
+            del embeddings._forward_hooks[key]
+    base._require_grads_hooks = []
+    base.__dict__.pop("_require_grads_hook", None)
 
 
 def causal_lm_loss_sum(

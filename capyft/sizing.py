@@ -89,9 +89,10 @@ def usable_gpu_memory(device: torch.device) -> int:
 
 
 def activation_bytes_per_token(
-    config: Any, checkpointing: bool, adapter_bytes: int = 3, width: int = 2, norms: int = 2
+    config: Any, checkpointing: bool, adapter_bytes: int = 3, width: int = 2, norms: int = 2, in_flight: bool = True
 ) -> int:
-    """Bytes of training activations a token of a micro-batch holds at the peak of its backward pass.
+    """Bytes of training activations a token of a micro-batch holds at the peak of its backward pass (with
+    ``in_flight`` False: what the layers keep for backward, without the gradients in flight).
 
     With gradient checkpointing: each layer's saved input (``hidden x layers``) plus one layer's recomputed
     activations (about 12 x ``intermediate``), in 16 bits; for Llama-3.1-8B 0.58 MiB a token, the slope measured on an
@@ -113,9 +114,9 @@ def activation_bytes_per_token(
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden, layers = text.hidden_size, text.num_hidden_layers
     intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
-    in_flight = width * 12 * intermediate
+    flight = width * 12 * intermediate if in_flight else 0
     if checkpointing:
-        return width * hidden * layers + in_flight
+        return width * hidden * layers + flight
     heads = text.num_attention_heads
     kv_dim = (getattr(text, "num_key_value_heads", None) or heads) * (
         getattr(text, "head_dim", None) or hidden // heads
@@ -128,7 +129,7 @@ def activation_bytes_per_token(
         + width * (2 * hidden + 2 * kv_dim)  # attention's query and output, key and value
         + 3 * width * intermediate  # gate output, its SiLU, up output
     )
-    return layers * per_layer + in_flight
+    return layers * per_layer + flight
 
 
 def norms_per_layer(model: Any) -> int:
